@@ -1,0 +1,29 @@
+# The README's two commands are `make demo` and `make test`; both set up .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Main job on the embedded default: local Ray, generated COCO-format data, local MLflow store.
+demo: $(STAMP)
+	$(BIN)/python -m mike_ray.sweep sweeps/demo.yaml
+
+# The test suite (what .ci/run calls).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/data_prep.py
+
+clean:
+	rm -rf outputs .pytest_cache

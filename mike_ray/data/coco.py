@@ -1,0 +1,434 @@
+"""COCO reader (pycocotools): instance crops with 3-channel task masks, for real COCO and the default.
+
+For every selected task and every instance of its three classes that is not a crowd and has
+``area >= min_area``:
+
+1. a square box around the instance's bounding box, ``max(w, h)·(1 + 2·margin)`` on a side,
+   centred on the box (regions outside the image are padded with black);
+2. the un-augmented crop, plus ``augment_copies`` copies whose box is shifted (up to ``shift``
+   of its side in x and y), zoomed (side divided by a factor log-uniform in ``zoom``) and, with
+   ``mirror``, flipped left-right with probability 1/2; the draws come from a generator seeded by
+   ``(seed, annotation id)``, so a crop does not depend on the order of processing;
+3. resized to ``image_size``² (bilinear, anti-aliased when shrinking);
+4. its mask: channel k is the union of *every* annotation of the task's k-th class in the image
+   (crowd and small ones included: they are pixels of that class), rasterised by pycocotools
+   (``annToMask``), cropped and flipped with the same box, resized bilinearly and thresholded at ½.
+   Classes of other tasks are not drawn.
+
+Images go to ``train`` or ``val`` by a hash of the image id (:func:`image_split`), so an image and
+all its crops land in one split, for every task. Validation crops are not augmented unless
+``augment_val``.
+
+Errors in the input raise :class:`~mike_ray.errors.DataError` with one line that names the file
+and the image id / field.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from pycocotools.coco import COCO
+from pydantic import Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from mike_ray.config_base import StrictModel
+from mike_ray.data.tasks import TASK_CODES, TASKS, check_task_codes, resolve_task_categories
+from mike_ray.errors import ConfigError, DataError
+
+SPLITS = ("train", "val")
+
+
+class PrepareConfig(StrictModel):
+    """How COCO instances become 64×64 crops with 3-channel masks (everything that changes the data)."""
+
+    image_size: int = Field(64, ge=8, le=1024, description="side of the square crops, pixels")
+    margin: float = Field(0.15, ge=0.0, le=2.0,
+                          description="context added on each side, as a fraction of the box's longer side")
+    augment_copies: int = Field(3, ge=0, le=64,
+                                description="augmented crops per instance, besides the un-augmented one")
+    shift: float = Field(0.1, ge=0.0, le=0.5, description="max shift of the box centre, fraction of its side")
+    zoom: tuple[float, float] = Field((0.8, 1.25), description="zoom factor range; side is divided by it")
+    mirror: bool = Field(True, description="augmented copies are flipped left-right with probability 1/2")
+    augment_val: bool = Field(False, description="also augment validation instances")
+    min_area: float = Field(256.0, ge=0.0, description="instances with a smaller mask area (px²) are not cropped")
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="fraction of image ids held out for val")
+    seed: int = Field(0, ge=0, description="augmentation seed")
+    tasks: list[str] = Field(default_factory=lambda: list(TASK_CODES), description="task codes to prepare")
+    max_instances_per_class: int | None = Field(
+        None, ge=1, description="cap on cropped instances per class (chosen by a hash of the annotation id)")
+
+    @field_validator("zoom")
+    @classmethod
+    def _zoom_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (0 < v[0] <= v[1]):
+            raise PydanticCustomError("zoom_range", "must be [low, high] with 0 < low <= high")
+        return v
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, v: list[str]) -> list[str]:
+        try:
+            return check_task_codes(v, field="tasks")
+        except ConfigError as err:  # re-raised as a pydantic error so the message names the field path
+            raise PydanticCustomError("task_code", str(err).removeprefix("tasks: ")) from None
+
+    @model_validator(mode="after")
+    def _task_order(self) -> "PrepareConfig":
+        # canonical order (task id order) so the same set of tasks gives the same config key
+        order = sorted(self.tasks, key=TASK_CODES.index)
+        if order != self.tasks:
+            object.__setattr__(self, "tasks", order)
+        return self
+
+
+def image_split(image_id: int, val_fraction: float) -> str:
+    """``"val"`` or ``"train"`` for an image id: a fixed hash, so every task and run agree."""
+    digest = hashlib.blake2b(f"mike_ray-split:{int(image_id)}".encode(), digest_size=8).digest()
+    return "val" if int.from_bytes(digest, "big") / 2.0**64 < val_fraction else "train"
+
+
+# --------------------------------------------------------------------------- annotation files
+
+def _err(source: str, where: str, msg: str) -> DataError:
+    return DataError(f"{source}: {where}: {msg}")
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _validate_coco(data: Any, source: str) -> None:
+    """Check the structure the reader relies on; raise DataError naming file, record and field."""
+    if not isinstance(data, dict):
+        raise DataError(f"{source}: top level must be a JSON object")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DataError(f"{source}: {key}: missing or not a list")
+    cat_ids: set[int] = set()
+    for i, cat in enumerate(data["categories"]):
+        where = f"categories[{i}]"
+        if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or not isinstance(cat.get("name"), str):
+            raise _err(source, where, "needs integer 'id' and string 'name'")
+        cat_ids.add(cat["id"])
+    img_ids: set[int] = set()
+    for i, img in enumerate(data["images"]):
+        where = f"images[{i}]"
+        if not isinstance(img, dict):
+            raise _err(source, where, "not an object")
+        for field in ("id", "width", "height"):
+            if not isinstance(img.get(field), int) or isinstance(img.get(field), bool):
+                raise _err(source, f"{where}.{field}", "missing or not an integer")
+        if img["width"] < 1 or img["height"] < 1:
+            raise _err(source, f"{where} (id {img['id']})", "width and height must be positive")
+        if not isinstance(img.get("file_name"), str) or not img["file_name"]:
+            raise _err(source, f"{where}.file_name", "missing or not a string")
+        if img["id"] in img_ids:
+            raise _err(source, f"{where}.id", f"duplicate image id {img['id']}")
+        img_ids.add(img["id"])
+    ann_ids: set[int] = set()
+    for i, ann in enumerate(data["annotations"]):
+        where = f"annotations[{i}]"
+        if not isinstance(ann, dict) or not isinstance(ann.get("id"), int):
+            raise _err(source, f"{where}.id", "missing or not an integer")
+        where = f"annotations[{i}] (id {ann['id']})"
+        if ann["id"] in ann_ids:
+            raise _err(source, f"{where}.id", "duplicate annotation id")
+        ann_ids.add(ann["id"])
+        if ann.get("image_id") not in img_ids:
+            raise _err(source, f"{where}.image_id", f"no image with id {ann.get('image_id')!r}")
+        if ann.get("category_id") not in cat_ids:
+            raise _err(source, f"{where}.category_id", f"unknown category id {ann.get('category_id')!r}")
+        bbox = ann.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_num(c) for c in bbox)) or bbox[2] < 0 \
+                or bbox[3] < 0:
+            raise _err(source, f"{where}.bbox", "must be 4 numbers [x, y, w, h] with w, h >= 0")
+        if not _is_num(ann.get("area")):
+            raise _err(source, f"{where}.area", "missing or not a number")
+        if ann.get("iscrowd", 0) not in (0, 1):
+            raise _err(source, f"{where}.iscrowd", "must be 0 or 1")
+        seg = ann.get("segmentation")
+        if isinstance(seg, list):
+            if not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in seg):
+                raise _err(source, f"{where}.segmentation", "polygons must be lists of >= 3 x,y pairs")
+        elif isinstance(seg, dict):
+            if not isinstance(seg.get("counts"), (list, str)) or not isinstance(seg.get("size"), list):
+                raise _err(source, f"{where}.segmentation", "RLE needs 'counts' and 'size'")
+        else:
+            raise _err(source, f"{where}.segmentation", "missing (polygon list or RLE object)")
+
+
+def load_coco(ann_path: str | Path) -> COCO:
+    """Load and validate a COCO ``instances_*.json`` into a pycocotools :class:`COCO` (quietly).
+
+    Missing file, invalid JSON or a malformed record → :class:`DataError` naming the file (and field).
+    """
+    path = Path(ann_path)
+    if not path.is_file():
+        raise DataError(f"{path}: annotation file not found")
+    try:
+        with open(path, "rb") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read: {err}") from None
+    _validate_coco(data, str(path))
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+        coco.createIndex()
+    return coco
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def discover_splits(coco_root: str | Path) -> list[str]:
+    """Split names ``S`` for which ``<coco_root>/annotations/instances_S.json`` exists, sorted."""
+    ann_dir = Path(coco_root) / "annotations"
+    if not ann_dir.is_dir():
+        raise DataError(f"{ann_dir}: annotations directory not found")
+    found = sorted(p.name[len("instances_"):-len(".json")] for p in ann_dir.glob("instances_*.json"))
+    if not found:
+        raise DataError(f"{ann_dir}: no instances_<split>.json annotation file")
+    return found
+
+
+def annotation_path(coco_root: str | Path, split: str) -> Path:
+    """``<coco_root>/annotations/instances_<split>.json``."""
+    return Path(coco_root) / "annotations" / f"instances_{split}.json"
+
+
+@dataclass
+class CocoSource:
+    """One loaded source split: pycocotools index, its annotation file and its image folder."""
+
+    split: str
+    ann_path: Path
+    image_dir: Path
+    coco: COCO
+    task_cats: dict[str, tuple[int, int, int]]  # task code → category id per mask channel
+
+
+def open_sources(coco_root: str | Path, splits: Sequence[str], tasks: Sequence[str]) -> list[CocoSource]:
+    """Load the annotation files of ``splits`` and resolve the tasks' class names in each.
+
+    Image ids must be unique across the splits (they are in COCO 2017); a repeat is a DataError.
+    """
+    sources: list[CocoSource] = []
+    seen: dict[int, Path] = {}
+    for split in splits:
+        ann_path = annotation_path(coco_root, split)
+        coco = load_coco(ann_path)
+        task_cats = {code: resolve_task_categories(coco, code, str(ann_path)) for code in tasks}
+        for img_id in coco.imgs:
+            if img_id in seen:
+                raise DataError(f"{ann_path}: images: image id {img_id} also appears in {seen[img_id]}")
+            seen[img_id] = ann_path
+        sources.append(CocoSource(split, ann_path, Path(coco_root) / split, coco, task_cats))
+    return sources
+
+
+# --------------------------------------------------------------------------- crop geometry
+
+@dataclass(frozen=True)
+class CropSpec:
+    """Integer square box (x0, y0, x1, y1) in image pixels (may leave the image) and a mirror flag."""
+
+    box: tuple[int, int, int, int]
+    mirror: bool
+
+
+def _round(v: float) -> int:
+    return int(math.floor(v + 0.5))
+
+
+def crop_specs(bbox: Sequence[float], ann_id: int, cfg: PrepareConfig, augment: bool) -> list[CropSpec]:
+    """The crops of one instance: the un-augmented one first, then ``cfg.augment_copies`` augmented.
+
+    Args:
+        bbox: COCO ``[x, y, w, h]`` of the instance.
+        ann_id: annotation id; with ``cfg.seed`` it seeds the augmentation draws.
+        augment: False gives only the un-augmented crop (validation).
+    """
+    x, y, w, h = (float(c) for c in bbox)
+    cx, cy = x + w / 2, y + h / 2
+    side = max(w, h, 1.0) * (1 + 2 * cfg.margin)
+    params = [(0.0, 0.0, 1.0, False)]
+    if augment and cfg.augment_copies:
+        rng = np.random.default_rng([cfg.seed, int(ann_id)])
+        n = cfg.augment_copies
+        d = rng.uniform(-cfg.shift, cfg.shift, size=(n, 2))
+        z = np.exp(rng.uniform(math.log(cfg.zoom[0]), math.log(cfg.zoom[1]), size=n))
+        m = rng.random(n) < 0.5
+        params += [(float(d[i, 0]), float(d[i, 1]), float(z[i]), bool(m[i]) and cfg.mirror) for i in range(n)]
+    specs = []
+    for dx, dy, zf, mir in params:
+        s = max(1, _round(side / zf))
+        x0 = _round(cx + dx * side - s / 2)
+        y0 = _round(cy + dy * side - s / 2)
+        specs.append(CropSpec((x0, y0, x0 + s, y0 + s), mir))
+    return specs
+
+
+def extract_crop(image: Image.Image, mask: Image.Image, spec: CropSpec, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut one crop out of an image and its 3-channel task mask with the same box and flip.
+
+    Args:
+        image: RGB image, H×W.
+        mask: RGB image, H×W, channel k = 255 where the task's k-th class is (0 elsewhere).
+        spec: box (outside the image is padded with 0) and mirror flag.
+        size: output side.
+    Returns:
+        (image ``size×size×3`` uint8 HWC, mask ``3×size×size`` uint8 CHW with values 0/1).
+    """
+    img = image.crop(spec.box)
+    msk = mask.crop(spec.box)
+    if spec.mirror:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        msk = msk.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    img = img.resize((size, size), Image.Resampling.BILINEAR)
+    msk = msk.resize((size, size), Image.Resampling.BILINEAR)
+    img_a = np.asarray(img, dtype=np.uint8)
+    msk_a = (np.asarray(msk, dtype=np.uint8) >= 128).astype(np.uint8).transpose(2, 0, 1)
+    return img_a, np.ascontiguousarray(msk_a)
+
+
+def task_mask(coco: COCO, anns: Sequence[dict], cats: tuple[int, int, int], source: str) -> np.ndarray:
+    """H×W×3 uint8 mask (0/255) of one image for one task: channel k = union of all class-k annotations."""
+    img = coco.imgs[anns[0]["image_id"]]
+    out = np.zeros((img["height"], img["width"], 3), np.uint8)
+    for ann in anns:
+        if ann["category_id"] not in cats:
+            continue
+        k = cats.index(ann["category_id"])
+        try:
+            with warnings.catch_warnings():  # pycocotools' numpy-2 DeprecationWarning on every decode
+                warnings.simplefilter("ignore", DeprecationWarning)
+                m = coco.annToMask(ann)
+        except Exception as err:  # pycocotools raises bare TypeError/ValueError on bad segmentations
+            raise DataError(f"{source}: annotation id {ann['id']}: segmentation: cannot decode ({err})") from None
+        if m.shape != out.shape[:2]:
+            raise DataError(f"{source}: annotation id {ann['id']}: segmentation: size {list(m.shape)} "
+                            f"differs from the image's {[img['height'], img['width']]}")
+        out[:, :, k] |= m * np.uint8(255)
+    return out
+
+
+# --------------------------------------------------------------------------- the crop stream
+
+@dataclass
+class CropRecord:
+    """One output row (see docs/contracts.md): image HWC uint8 bytes, mask CHW 0/1 bytes, metadata."""
+
+    split: str
+    task: str
+    task_id: int
+    class_name: str
+    category_id: int
+    image_id: int
+    ann_id: int
+    image: bytes
+    mask: bytes
+
+
+def _load_image(path: Path, img: dict, source: str) -> Image.Image:
+    if not path.is_file():
+        raise DataError(f"{path}: image file not found (image id {img['id']} in {source})")
+    try:
+        with Image.open(path) as im:
+            rgb = im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(f"{path}: cannot read image (image id {img['id']}): {err}") from None
+    if rgb.size != (img["width"], img["height"]):
+        raise DataError(f"{path}: image is {rgb.size[0]}x{rgb.size[1]} but {source} says "
+                        f"{img['width']}x{img['height']} (image id {img['id']})")
+    return rgb
+
+
+def _eligible(ann: dict, cfg: PrepareConfig) -> bool:
+    """An instance becomes crops if it is not a crowd, is large enough and has a non-empty box."""
+    return not ann.get("iscrowd", 0) and ann["area"] >= cfg.min_area and ann["bbox"][2] > 0 and ann["bbox"][3] > 0
+
+
+def _capped_ann_ids(sources: Sequence[CocoSource], cfg: PrepareConfig) -> set[int] | None:
+    """With ``max_instances_per_class``: the (source, ann) ids kept, per class the first N by a hash."""
+    if cfg.max_instances_per_class is None:
+        return None
+    keep: set[int] = set()
+    per_class: dict[str, list[tuple[bytes, int]]] = {}
+    for src in sources:
+        for code, cats in src.task_cats.items():
+            for k, cat in enumerate(cats):
+                for ann in src.coco.loadAnns(src.coco.getAnnIds(catIds=[cat])):
+                    if _eligible(ann, cfg):
+                        h = hashlib.blake2b(f"{cfg.seed}:{ann['id']}".encode(), digest_size=8).digest()
+                        per_class.setdefault(TASKS[code][k], []).append((h, ann["id"]))
+    for items in per_class.values():
+        keep.update(aid for _, aid in sorted(items)[: cfg.max_instances_per_class])
+    return keep
+
+
+def count_work(sources: Sequence[CocoSource], cfg: PrepareConfig) -> int:
+    """Number of images that have at least one eligible instance of a selected task (for progress)."""
+    n = 0
+    for src in sources:
+        cats = {c for cs in src.task_cats.values() for c in cs}
+        for img_id, anns in src.coco.imgToAnns.items():
+            if any(a["category_id"] in cats and _eligible(a, cfg) for a in anns):
+                n += 1
+    return n
+
+
+def iter_crops(sources: Sequence[CocoSource], cfg: PrepareConfig,
+               progress: Callable[[int], None] | None = None) -> Iterator[CropRecord]:
+    """Yield every crop of the selected tasks, image by image (ascending id), instances by ann id.
+
+    Each image is decoded once, whatever the number of tasks it serves. ``progress(1)`` is called
+    after each image that produced crops.
+    """
+    keep = _capped_ann_ids(sources, cfg)
+    size = cfg.image_size
+    for src in sources:
+        cat_to_task = {c: code for code, cs in src.task_cats.items() for c in cs}
+        source = str(src.ann_path)
+        for img_id in sorted(src.coco.imgs):
+            anns = [a for a in src.coco.imgToAnns.get(img_id, []) if a["category_id"] in cat_to_task]
+            chosen = [a for a in anns if _eligible(a, cfg) and (keep is None or a["id"] in keep)]
+            if not chosen:
+                continue
+            img = src.coco.imgs[img_id]
+            split = image_split(img_id, cfg.val_fraction)
+            augment = split == "train" or cfg.augment_val
+            image = _load_image(src.image_dir / img["file_name"], img, source)
+            for code in cfg.tasks:  # task id order: deterministic row order
+                mine = sorted((a for a in chosen if cat_to_task[a["category_id"]] == code), key=lambda a: a["id"])
+                if not mine:
+                    continue
+                cats = src.task_cats[code]
+                mask = Image.fromarray(task_mask(src.coco, anns, cats, source), "RGB")
+                tid = TASK_CODES.index(code)
+                for ann in mine:
+                    k = cats.index(ann["category_id"])
+                    for spec in crop_specs(ann["bbox"], ann["id"], cfg, augment):
+                        im_a, m_a = extract_crop(image, mask, spec, size)
+                        yield CropRecord(split, code, tid, TASKS[code][k], int(ann["category_id"]), int(img_id),
+                                         int(ann["id"]), im_a.tobytes(), m_a.tobytes())
+            if progress is not None:
+                progress(1)

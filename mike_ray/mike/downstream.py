@@ -1,0 +1,133 @@
+"""Downstream evaluation (paper §4.2): freeze the encoder, retrain the decoder as a segmenter.
+
+For each task the autoencoder's decoder is retrained (from its trained weights, or re-initialised)
+to output the task's 3-channel mask from the frozen embedding; the score is val IoU and IoU ÷ that
+task's teacher IoU ("normalised IoU"). Tasks run in parallel as Ray tasks.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from pydantic import Field, field_validator
+
+from mike_ray.config_base import StrictModel
+from mike_ray.data.tasks import TASK_CODES, TASKS
+from mike_ray.metrics import IoUMeter
+from mike_ray.utils import limit_threads, resolve_device, seed_everything
+
+
+class DownstreamConfig(StrictModel):
+    """How the decoder is retrained on each downstream task."""
+
+    tasks: list[str] = Field(default_factory=lambda: list(TASK_CODES))
+    epochs: int = Field(3, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    reinit_decoder: bool = False
+    max_train_samples: int | None = Field(None, gt=0)
+    cpus_per_task: float = Field(1.0, gt=0)
+    gpus_per_task: float = Field(0.0, ge=0)
+    threads: int = Field(1, gt=0)
+    device: str = "auto"
+    seed: int = 0
+
+    @field_validator("tasks")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if t not in TASKS]
+        if bad or not v:
+            raise ValueError(f"unknown task {bad[0]!r}" if bad else "at least one task is required")
+        return v
+
+
+def _embed(encoder: torch.nn.Module, loader, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen encoder → (z: N×C×8×8, mask: N×3×64×64), computed once (the encoder never changes)."""
+    zs, ms = [], []
+    with torch.no_grad():
+        for batch in loader:
+            zs.append(encoder(batch["image"].to(device)).cpu())
+            ms.append(batch["mask"])
+    return torch.cat(zs), torch.cat(ms)
+
+
+def train_downstream(task: str, model_spec: Mapping[str, Any], state: Mapping[str, torch.Tensor],
+                     data_root: str | Path, cfg: DownstreamConfig) -> dict[str, Any]:
+    """Retrain the decoder on ``task``'s masks with the encoder frozen; return val IoU.
+
+    Returns ``{"task", "iou": mean over the 3 classes, "iou_per_class", "seconds"}``.
+    """
+    from mike_ray.data.loaders import ShardDataset, make_loader
+    from mike_ray.models import build_model
+
+    limit_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    t0 = time.perf_counter()
+    gen = seed_everything(cfg.seed + 1000 * TASK_CODES.index(task))
+    ae = build_model(dict(model_spec))
+    ae.load_state_dict(dict(state))
+    ae.to(device)
+    if cfg.reinit_decoder:
+        ae.reset_decoder(cfg.seed)
+    ae.encoder.eval().requires_grad_(False)
+
+    train_dl = make_loader(ShardDataset(data_root, "train", [task], limit=cfg.max_train_samples, seed=cfg.seed),
+                           256, shuffle=False)
+    val_dl = make_loader(ShardDataset(data_root, "val", [task]), 256, shuffle=False)
+    z_train, m_train = _embed(ae.encoder, train_dl, device)
+    z_val, m_val = _embed(ae.encoder, val_dl, device)
+
+    # the decoder now outputs mask logits instead of an RGB image (same topology, paper §4.2)
+    params = [p for p in ae.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    n = len(z_train)
+    for _ in range(cfg.epochs):
+        ae.decoder.train()
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, cfg.batch_size):
+            idx = perm[i:i + cfg.batch_size]
+            logits = ae.decode(z_train[idx].to(device))
+            loss = loss_fn(logits, m_train[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    ae.decoder.eval()
+    meter = IoUMeter(3)
+    with torch.no_grad():
+        for i in range(0, len(z_val), 256):
+            meter.update(ae.decode(z_val[i:i + 256].to(device)), m_val[i:i + 256].to(device))
+    return {"task": task, "iou": meter.mean(), "iou_per_class": meter.per_class(),
+            "seconds": time.perf_counter() - t0}
+
+
+def evaluate_downstream(model_spec: Mapping[str, Any], state: Mapping[str, torch.Tensor],
+                        data_root: str | Path, cfg: DownstreamConfig,
+                        teacher_iou: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """Every task of ``cfg`` in parallel as Ray tasks → ``{task: {"iou", "teacher_iou", "norm_iou"}}``.
+
+    ``norm_iou`` = downstream IoU ÷ the task's teacher IoU (NaN when the teacher's IoU is unknown
+    or 0). Requires ``ray.init``.
+    """
+    import ray
+
+    state_ref = ray.put({k: v.detach().cpu() for k, v in state.items()})
+    remote = ray.remote(num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task, max_retries=1)(train_downstream)
+    refs = [remote.remote(t, dict(model_spec), state_ref, str(data_root), cfg) for t in cfg.tasks]
+    out: dict[str, dict[str, float]] = {}
+    for res in ray.get(refs):
+        t = res["task"]
+        tiou = float(teacher_iou.get(t, math.nan))
+        out[t] = {"iou": res["iou"], "teacher_iou": tiou,
+                  "norm_iou": res["iou"] / tiou if tiou and not math.isnan(tiou) else math.nan}
+    return out
+
+
+def mean_norm_iou(results: Mapping[str, Mapping[str, float]]) -> float:
+    """Mean normalised IoU over tasks (the sweep objective); NaN tasks are left out."""
+    vals = [r["norm_iou"] for r in results.values() if not math.isnan(r["norm_iou"])]
+    return sum(vals) / len(vals) if vals else math.nan

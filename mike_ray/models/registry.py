@@ -1,0 +1,187 @@
+"""Build any model from a config dict, and save/load its weights with one-line errors.
+
+A model spec is a small dict (a section of a sweep or teacher-zoo file)::
+
+    {"arch": "segmenter", "width": 16, "depth": 16, "num_classes": 3, "seed": 0}
+    {"arch": "autoencoder", "embed_channels": 2}
+    {"arch": "resnet18", "num_classes": 3}                    # any torchvision classifier, weights=None
+    {"arch": "my_pkg.nets:make_net", "kwargs": {"k": 1}}      # any importable nn.Module factory
+
+Torchvision models are always built with ``weights=None`` (no downloads; teachers are trained here).
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from pydantic import Field, ValidationError
+from torch import nn
+
+from mike_ray.config_base import StrictModel, format_validation_error
+from mike_ray.errors import ModelError, one_line
+from mike_ray.models.autoencoder import AutoEncoder
+from mike_ray.models.segmenter import Segmenter
+
+__all__ = ["ModelSpec", "available_archs", "build_model", "load_weights", "save_weights"]
+
+# Our own architectures and the spec fields each accepts.
+_CUSTOM: dict[str, tuple[Callable[..., nn.Module], tuple[str, ...]]] = {
+    "segmenter": (Segmenter, ("num_classes", "width", "depth", "num_downsamples", "expand_ratio")),
+    "autoencoder": (AutoEncoder, ("embed_channels", "width", "depth", "num_downsamples", "expand_ratio")),
+}
+_TYPED_FIELDS = ("num_classes", "width", "depth", "num_downsamples", "expand_ratio", "embed_channels")
+
+
+class ModelSpec(StrictModel):
+    """How to build one model. Unset fields take the architecture's defaults.
+
+    ``arch`` is ``"segmenter"``, ``"autoencoder"``, a torchvision classification model name
+    (``"resnet18"``, ``"mobilenet_v3_small"``, ``"efficientnet_b0"``, ...; see
+    :func:`available_archs`) or ``"package.module:callable"`` returning an ``nn.Module``.
+    """
+
+    arch: str = Field(min_length=1)
+    num_classes: int | None = Field(None, ge=1, description="output channels/classes")
+    width: int | None = Field(None, ge=1, description="segmenter/autoencoder: full-resolution channels")
+    depth: int | None = Field(None, ge=1, description="segmenter: MBConv blocks; autoencoder: per side")
+    num_downsamples: int | None = Field(None, ge=0, description="segmenter/autoencoder: stride-2 levels")
+    expand_ratio: float | None = Field(None, gt=0, description="segmenter/autoencoder: MBConv expansion")
+    embed_channels: int | None = Field(None, ge=1, description="autoencoder: embedding channels C")
+    seed: int | None = Field(None, description="initialise from this seed (global RNG left untouched)")
+    kwargs: dict[str, Any] = Field(default_factory=dict,
+                                   description="extra builder arguments (e.g. kernel_size, dropout)")
+
+
+def available_archs() -> list[str]:
+    """Our architectures, then torchvision's classification models."""
+    return list(_CUSTOM) + torchvision.models.list_models(module=torchvision.models)
+
+
+def _as_spec(spec: Mapping[str, Any] | ModelSpec) -> ModelSpec:
+    if isinstance(spec, ModelSpec):
+        return spec
+    if not isinstance(spec, Mapping):
+        raise ModelError(f"model spec must be a mapping with an 'arch' key, got {type(spec).__name__}")
+    arch = spec.get("arch", "?")
+    try:
+        return ModelSpec.model_validate(dict(spec))
+    except ValidationError as err:
+        raise ModelError(format_validation_error(err, ModelSpec, f"model '{arch}'")) from None
+
+
+def build_model(spec: Mapping[str, Any] | ModelSpec, *, name: str | None = None) -> nn.Module:
+    """Build an untrained model from a spec dict (see the module docstring).
+
+    Args:
+        spec: a dict (validated into :class:`ModelSpec`) or a ``ModelSpec``.
+        name: the model's name in error messages (default: its arch).
+
+    Raises:
+        ModelError: unknown arch (closest names suggested), an unknown key, an option that does not
+            apply to the arch, or a builder that rejects its arguments.
+    """
+    s = _as_spec(spec)
+    label = name or s.arch
+    given = {f: getattr(s, f) for f in _TYPED_FIELDS if getattr(s, f) is not None}
+
+    if s.arch in _CUSTOM:
+        factory, allowed = _CUSTOM[s.arch]
+        bad = [f for f in given if f not in allowed]
+        if bad:
+            raise ModelError(f"model '{label}': option '{bad[0]}' does not apply to arch '{s.arch}' "
+                             f"(allowed: {', '.join(allowed)}, seed, kwargs)")
+        kwargs = {**s.kwargs, **given}
+    elif ":" in s.arch:  # "package.module:callable"
+        factory = _import_factory(s.arch, label)
+        bad = [f for f in given if f != "num_classes"]
+        if bad:
+            raise ModelError(f"model '{label}': option '{bad[0]}' does not apply to an imported arch; "
+                             f"pass it in 'kwargs'")
+        kwargs = {**s.kwargs, **given}
+    elif s.arch in torchvision.models.list_models(module=torchvision.models):
+        bad = [f for f in given if f != "num_classes"]
+        if bad:
+            raise ModelError(f"model '{label}': option '{bad[0]}' does not apply to torchvision's "
+                             f"'{s.arch}' (allowed: num_classes, seed, kwargs)")
+        factory = lambda **kw: torchvision.models.get_model(s.arch, weights=None, **kw)  # noqa: E731
+        kwargs = {**s.kwargs, **given}
+    else:
+        close = difflib.get_close_matches(s.arch, available_archs(), n=3, cutoff=0.6)
+        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+        raise ModelError(f"model '{label}': unknown arch '{s.arch}'{hint}")
+
+    with torch.random.fork_rng(devices=[]):
+        if s.seed is not None:
+            torch.manual_seed(s.seed)
+        try:
+            model = factory(**kwargs)
+        except ModelError:
+            raise
+        except Exception as err:  # noqa: BLE001 - builders raise TypeError/ValueError/AssertionError...
+            raise ModelError(f"model '{label}': building '{s.arch}' failed: "
+                             f"{one_line(f'{type(err).__name__}: {err}')}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model '{label}': '{s.arch}' returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _import_factory(target: str, label: str) -> Callable[..., Any]:
+    module_name, _, attr = target.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ModelError(f"model '{label}': cannot import '{target}': {one_line(str(err))}") from None
+    if not callable(obj):
+        raise ModelError(f"model '{label}': '{target}' is not callable")
+    return obj
+
+
+def save_weights(model: nn.Module, path: str | Path) -> None:
+    """Write ``model.state_dict()`` with ``torch.save``, atomically (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+
+
+def load_weights(model: nn.Module, path: str | Path, *, name: str | None = None) -> nn.Module:
+    """Load a state dict saved by :func:`save_weights` into ``model`` (``weights_only=True``, strict).
+
+    Tensors are loaded onto CPU and copied into the model's own devices. Returns ``model``.
+
+    Raises:
+        ModelError: ``<path>: ...`` for a missing or unreadable file, or one whose keys or shapes do
+            not fit the model (the first offending key is named).
+    """
+    path = Path(path)
+    label = name or type(model).__name__
+    if not path.is_file():
+        raise ModelError(f"{path}: weights file not found (model '{label}')")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - unpickling/zip errors of a damaged or foreign file
+        raise ModelError(f"{path}: not a readable weights file: {one_line(str(err))[:200]}") from None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path}: not a state dict (a mapping of parameter names to tensors)")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        parts = ([f"missing {len(missing)} keys (e.g. '{missing[0]}')"] if missing else []) + \
+                ([f"{len(unexpected)} unexpected (e.g. '{unexpected[0]}')"] if unexpected else [])
+        raise ModelError(f"{path}: does not fit model '{label}': {', '.join(parts)}")
+    for k, v in own.items():
+        if state[k].shape != v.shape:
+            raise ModelError(f"{path}: does not fit model '{label}': '{k}' has shape "
+                             f"{tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model")
+    model.load_state_dict(state)
+    return model

@@ -1,0 +1,1 @@
+"""Ray orchestration: trial driver (shards + TorchTrainer), sweep driver (Tuner + Optuna)."""

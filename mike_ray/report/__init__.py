@@ -1,0 +1,1 @@
+"""Plots and tables. Never imports training code."""

@@ -1,0 +1,1 @@
+"""Teacher zoo (train, store, load) and the TeacherShard actor that serves frozen teachers."""

@@ -1,0 +1,269 @@
+"""TeacherShard: frozen teachers in their own process, returning loss and ∂loss/∂x̄.
+
+Teachers are frozen, so ∂L/∂θ_AE = (∂L/∂x̄)·(∂x̄/∂θ_AE): a shard needs only x, x̄ and the batch's
+task ids, returns the loss and the gradient with respect to x̄, and the student finishes
+backpropagation locally (DESIGN.md "A MIKE step"). Shards never see the student.
+
+A shard holding several teachers runs them one after another and accumulates their gradients, so
+only one teacher's activation graph is alive at a time: its memory does not grow with its teacher
+count. The same :class:`TeacherShard` class runs in-process (``placement.mode = "local"``) for
+debugging and for the exactness test, or as a Ray actor per shard (``"ray"``).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Mapping, Sequence
+
+import torch
+from pydantic import Field
+
+from mike_ray.config_base import StrictModel
+from mike_ray.errors import ModelError, TrainingError
+from mike_ray.utils import limit_threads, resolve_device
+
+
+@dataclass(frozen=True)
+class TeacherRef:
+    """How a shard finds one teacher: a stored zoo entry (``path``) and its task for masking.
+
+    ``task_id`` is the index of the teacher's task (query masking keeps only those samples);
+    ``None`` turns masking off for this teacher.
+    """
+
+    name: str
+    path: str
+    task_id: int | None = None
+    taps: tuple[str, ...] | None = None  # None: the taps stored with the teacher
+
+
+class PlacementConfig(StrictModel):
+    """Where teachers run. ``teachers_per_shard``: 1 (one per shard), k, or "all" (one shard)."""
+
+    mode: Literal["ray", "local"] = "ray"
+    teachers_per_shard: int | Literal["all"] = 1
+    cpus_per_shard: float = Field(1.0, ge=0)
+    gpus_per_shard: float = Field(0.0, ge=0)
+    threads: int = Field(1, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool = False  # bf16 autocast for teacher forwards (GPU)
+    max_restarts: int = Field(3, ge=0)  # Ray restarts a dead shard this many times
+    step_retries: int = Field(3, ge=0)  # a step whose shard died is sent again this many times
+
+
+@dataclass
+class ShardOutput:
+    """One shard's answer for one step.
+
+    loss: Σ over its teachers of the weighted loss (float).
+    terms: ``{"<teacher>/<tap>": unweighted tap term}`` and ``{"<teacher>": weighted teacher loss}``.
+    grad: ∂loss/∂x̄, same shape/dtype as x̄ (B×3×H×W), on CPU.
+    """
+
+    loss: float
+    terms: dict[str, float]
+    grad: torch.Tensor
+    counts: dict[str, int] = field(default_factory=dict)  # samples of each teacher's task in the batch
+    seconds: float = 0.0
+
+
+class TeacherShard:
+    """One or more frozen teachers on one device.
+
+    Args:
+        teachers: the teachers this shard serves.
+        device: "auto" | "cpu" | "cuda[:i]".
+        threads: torch intra-op threads (Ray's OMP default follows the actor's CPU count).
+        bf16: run teacher forwards under bf16 autocast (CUDA only; ignored on CPU).
+        dtype: parameter dtype of the teachers (float64 for exactness tests).
+    """
+
+    def __init__(self, teachers: Sequence[TeacherRef], device: str = "auto", threads: int = 1,
+                 bf16: bool = False, dtype: torch.dtype = torch.float32) -> None:
+        from mike_ray.models.taps import TappedModel
+        from mike_ray.teachers.zoo import load_teacher
+
+        limit_threads(threads)
+        self.device = resolve_device(device)
+        self.bf16 = bf16 and self.device.type == "cuda"
+        self.dtype = dtype
+        self.teachers: dict[str, tuple[TeacherRef, torch.nn.Module]] = {}
+        for ref in teachers:
+            model, rec = load_teacher(Path(ref.path), self.device)
+            taps = list(ref.taps) if ref.taps else list(rec.taps)
+            tapped = TappedModel(model.to(dtype), taps).eval().requires_grad_(False)
+            self.teachers[ref.name] = (ref, tapped)
+        self._taps = {name: list(t.paths) for name, (_, t) in self.teachers.items()}
+
+    def taps(self) -> dict[str, list[str]]:
+        """Teacher name → its ordered tap paths."""
+        return self._taps
+
+    def step(self, x: torch.Tensor, xbar: torch.Tensor, task_ids: torch.Tensor,
+             weights: Mapping[str, Mapping[str, float]], masking: bool = True,
+             need_grad: bool = True) -> ShardOutput:
+        """Loss of this shard's teachers and its gradient w.r.t. x̄ (zeros when ``need_grad`` is False).
+
+        Args:
+            x: B×3×H×W originals. xbar: B×3×H×W reconstructions (values, no graph needed).
+            task_ids: B int64, the task of each sample (for query masking).
+            weights: teacher → tap → w (teachers or taps missing or 0 are skipped).
+            masking: average each teacher's term only over its own task's samples.
+        """
+        from mike_ray.mike.loss import task_mask, teacher_loss
+
+        t0 = time.perf_counter()
+        x = x.to(self.device, self.dtype)
+        xbar = xbar.to(self.device, self.dtype)
+        task_ids = task_ids.to(self.device)
+        grad = torch.zeros_like(xbar)
+        total = 0.0
+        terms: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for name, (ref, tapped) in self.teachers.items():
+            w = {tap: float(weights.get(name, {}).get(tap, 0.0)) for tap in self._taps[name]}
+            if not any(w.values()):
+                continue  # e.g. pixel pretraining, or a teacher outside this phase: no forward at all
+            mask = task_mask(task_ids, ref.task_id if masking else None)
+            with torch.autocast("cuda", torch.bfloat16, enabled=self.bf16):
+                # activations of x need no graph
+                with torch.no_grad():
+                    feats_x = tapped(x)
+                xb = xbar.detach().requires_grad_(need_grad)
+                with torch.set_grad_enabled(need_grad):
+                    feats_xb = tapped(xb)
+                    loss, tap_terms = teacher_loss(feats_x, feats_xb, w, mask)
+            if not math.isfinite(float(loss)):
+                raise TrainingError(f"teacher '{name}': non-finite loss {float(loss)}")
+            if need_grad and loss.requires_grad:
+                # frees this teacher's graph before the next teacher runs
+                (g,) = torch.autograd.grad(loss, xb)
+                grad += g
+            total += float(loss)
+            terms[name] = float(loss)
+            counts[name] = int(mask.sum())
+            for tap, value in tap_terms.items():
+                terms[f"{name}/{tap}"] = float(value.unweighted)
+        return ShardOutput(total, terms, grad.cpu(), counts, time.perf_counter() - t0)
+
+    def peak_rss_mb(self) -> float:
+        """Peak resident memory of this process (MB), for the memory benchmark."""
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def ping(self) -> bool:
+        return True
+
+
+def partition(teachers: Sequence[TeacherRef], per_shard: int | str) -> list[list[TeacherRef]]:
+    """Split teachers into shards of ``per_shard`` (or one shard for "all"), preserving order."""
+    k = len(teachers) if per_shard == "all" else int(per_shard)
+    if k <= 0:
+        raise ModelError(f"placement.teachers_per_shard: must be ≥ 1 or 'all', got {per_shard}")
+    return [list(teachers[i:i + k]) for i in range(0, len(teachers), k)]
+
+
+@dataclass
+class StepResult:
+    """Summed answer of all shards: loss, terms, ∂loss/∂x̄; ``retries`` counts re-sent shard calls."""
+
+    loss: float
+    terms: dict[str, float]
+    grad: torch.Tensor
+    counts: dict[str, int] = field(default_factory=dict)
+    retries: int = 0
+    shard_seconds: list[float] = field(default_factory=list)
+
+
+class ShardGroup:
+    """All shards of one run, local or as Ray actors; :meth:`step` fans out and sums gradients.
+
+    Actor handles are serialisable: a trial driver creates the group once and every trainer worker
+    calls the same shards (teachers are not duplicated per worker).
+    """
+
+    def __init__(self, teachers: Sequence[TeacherRef], placement: PlacementConfig,
+                 dtype: torch.dtype = torch.float32, name_prefix: str | None = None) -> None:
+        if not teachers:
+            raise ModelError("teachers: at least one teacher is required")
+        self.placement = placement
+        self.dtype = dtype
+        self.groups = partition(teachers, placement.teachers_per_shard)
+        self.retries = 0
+        if placement.mode == "local":
+            self.shards = [TeacherShard(g, placement.device, placement.threads, placement.bf16, dtype)
+                           for g in self.groups]
+            self._taps = {k: v for s in self.shards for k, v in s.taps().items()}
+        else:
+            import ray
+
+            actor_cls = ray.remote(TeacherShard).options(
+                num_cpus=placement.cpus_per_shard, num_gpus=placement.gpus_per_shard,
+                max_restarts=placement.max_restarts, max_task_retries=0)
+            self.shards = [actor_cls.remote(g, placement.device, placement.threads, placement.bf16, dtype)
+                           for g in self.groups]
+            self._taps = {}
+            for taps in ray.get([s.taps.remote() for s in self.shards]):
+                self._taps.update(taps)
+
+    def taps(self) -> dict[str, list[str]]:
+        """Teacher name → ordered tap paths, over all shards."""
+        return dict(self._taps)
+
+    def step(self, x: torch.Tensor, xbar: torch.Tensor, task_ids: torch.Tensor,
+             weights: Mapping[str, Mapping[str, float]], masking: bool = True,
+             need_grad: bool = True) -> StepResult:
+        """Every shard's loss and gradient for this batch, summed. Shards run in parallel (Ray)."""
+        xbar = xbar.detach()
+        if self.placement.mode == "local":
+            outs = [s.step(x, xbar, task_ids, weights, masking, need_grad) for s in self.shards]
+        else:
+            outs = self._ray_step(x, xbar, task_ids, weights, masking, need_grad)
+        grad = outs[0].grad.to(xbar.dtype)
+        for o in outs[1:]:
+            grad = grad + o.grad.to(xbar.dtype)
+        terms: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for o in outs:
+            terms.update(o.terms)
+            counts.update(o.counts)
+        return StepResult(sum(o.loss for o in outs), terms, grad.to(xbar.device), counts, self.retries,
+                          [o.seconds for o in outs])
+
+    def _ray_step(self, x, xbar, task_ids, weights, masking, need_grad) -> list[ShardOutput]:
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        # one copy of the batch in the object store, shared by every shard
+        refs = [ray.put(t.detach().cpu()) for t in (x, xbar, task_ids)]
+        calls = {i: s.step.remote(*refs, weights, masking, need_grad) for i, s in enumerate(self.shards)}
+        outs: dict[int, ShardOutput] = {}
+        attempts = {i: 0 for i in calls}
+        while calls:
+            i, ref = next(iter(calls.items()))
+            try:
+                outs[i] = ray.get(ref)
+                del calls[i]
+            except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
+                # the shard died mid-step: Ray restarts it (its constructor reloads the teachers);
+                # the step is a pure function of its inputs, so sending it again is safe
+                attempts[i] += 1
+                self.retries += 1
+                if attempts[i] > self.placement.step_retries:
+                    raise TrainingError(f"teacher shard {i} ({', '.join(r.name for r in self.groups[i])}): "
+                                        f"died {attempts[i]} times in one step: {type(err).__name__}") from None
+                time.sleep(min(2.0, 0.25 * attempts[i]))
+                calls[i] = self.shards[i].step.remote(*refs, weights, masking, need_grad)
+        return [outs[i] for i in range(len(self.shards))]
+
+    def shutdown(self) -> None:
+        """Kill the shard actors (local shards are just dropped)."""
+        if self.placement.mode == "ray":
+            import ray
+
+            for s in self.shards:
+                ray.kill(s, no_restart=True)
+        self.shards = []

@@ -1,0 +1,267 @@
+"""The teacher zoo: one segmenter per task, trained in parallel as Ray tasks, stored with a manifest.
+
+Layout of a zoo (keyed by the config that made it and the data it was trained on)::
+
+    <out>/zoo/<key>/<TASK>/weights.pt     state_dict, loadable with torch.load(weights_only=True)
+    <out>/zoo/<key>/<TASK>/teacher.json   task, classes, model spec, taps, val IoU, data hash
+    <out>/zoo/<key>/zoo.json              written last: the zoo is complete
+
+Each teacher directory is written atomically, so a killed build keeps the finished teachers and
+re-training resumes with the missing ones only.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+from pydantic import Field, field_validator
+
+from mike_ray.config_base import StrictModel
+from mike_ray.data.tasks import TASK_CODES, TASKS
+from mike_ray.errors import DataError, ModelError
+from mike_ray.metrics import IoUMeter, prevalence_iou
+from mike_ray.tracking import Tracking
+from mike_ray.utils import atomic_dir, config_key, limit_threads, resolve_device, seed_everything, write_json_atomic
+
+ZOO_FORMAT = 1
+
+
+class TeacherTrainConfig(StrictModel):
+    """How each teacher segmenter is trained (same for every task)."""
+
+    epochs: int = Field(6, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    seed: int = 0
+    max_train_samples: int | None = Field(None, gt=0)
+
+
+class ZooConfig(StrictModel):
+    """The teacher zoo: which tasks, which architecture, how it is trained and placed."""
+
+    tasks: list[str] = Field(default_factory=lambda: list(TASK_CODES))
+    model: dict[str, Any] = Field(default_factory=lambda: {"arch": "segmenter", "width": 8})
+    taps: str | list[str] = "blocks"
+    train: TeacherTrainConfig = Field(default_factory=TeacherTrainConfig)
+    cpus_per_teacher: float = Field(1.0, gt=0)
+    gpus_per_teacher: float = Field(0.0, ge=0)
+    threads: int = Field(1, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one task is required")
+        unknown = [t for t in v if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task {unknown[0]!r} (known: {', '.join(TASK_CODES)})")
+        if len(set(v)) != len(v):
+            raise ValueError("tasks repeat")
+        return v
+
+
+@dataclass
+class TeacherRecord:
+    """What the zoo knows about one trained teacher (the content of teacher.json)."""
+
+    name: str
+    task: str
+    classes: list[str]
+    model: dict[str, Any]
+    taps: list[str]
+    val_iou: dict[str, float]
+    val_miou: float
+    untrained_miou: float
+    chance_iou: dict[str, float]
+    data_hash: str
+    history: list[dict[str, float]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    weights: str = "weights.pt"
+
+
+def zoo_key(cfg: ZooConfig, data_hash: str) -> str:
+    """Key of a zoo: its config (minus placement, which does not change the weights) + data hash."""
+    relevant = cfg.model_dump(exclude={"cpus_per_teacher", "gpus_per_teacher", "threads", "device"})
+    return config_key({"zoo": relevant, "data": data_hash, "format": ZOO_FORMAT})
+
+
+def _data_hash(data_root: Path) -> str:
+    from mike_ray.data.shards import read_manifest
+
+    return read_manifest(data_root).content_hash
+
+
+def train_teacher(task: str, data_root: Path, cfg: ZooConfig, out_dir: Path) -> TeacherRecord:
+    """Train the segmenter of ``task`` on its train split; write ``out_dir/<task>`` atomically.
+
+    Runs in the calling process (a Ray task when called from :func:`build_zoo`).
+    """
+    from mike_ray.data.loaders import ShardDataset, make_loader
+    from mike_ray.models import build_model
+    from mike_ray.models.taps import tap_names
+
+    limit_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    t0 = time.perf_counter()
+    gen = seed_everything(cfg.train.seed + TASK_CODES.index(task))
+
+    train_ds = ShardDataset(data_root, "train", [task], limit=cfg.train.max_train_samples, seed=cfg.train.seed)
+    val_ds = ShardDataset(data_root, "val", [task])
+    train_dl = make_loader(train_ds, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
+    val_dl = make_loader(val_ds, 256, shuffle=False)
+
+    spec = {**cfg.model, "num_classes": 3}
+    model = build_model(spec).to(device)
+    taps = tap_names(model, cfg.taps)
+
+    def evaluate() -> IoUMeter:
+        model.eval()
+        meter = IoUMeter(3)
+        with torch.no_grad():
+            for batch in val_dl:
+                meter.update(model(batch["image"].to(device)), batch["mask"].to(device))
+        return meter
+
+    untrained = evaluate().mean()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    steps = cfg.train.epochs * max(1, len(train_dl))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.train.lr, total_steps=steps, pct_start=0.15)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    history: list[dict[str, float]] = []
+    for epoch in range(cfg.train.epochs):
+        # one epoch of per-pixel, per-class (multi-label) BCE on the task's 3-channel masks
+        model.train()
+        total, n = 0.0, 0
+        for batch in train_dl:
+            x, y = batch["image"].to(device), batch["mask"].to(device)
+            loss = loss_fn(model(x), y)
+            if not torch.isfinite(loss):
+                raise ModelError(f"teacher '{task}': non-finite training loss at epoch {epoch}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss) * len(x)
+            n += len(x)
+        meter = evaluate()
+        history.append({"epoch": epoch, "loss/train": total / max(n, 1), "iou/val/mean": meter.mean()})
+
+    meter = evaluate()
+    classes = list(TASKS[task])
+    chance = prevalence_iou(torch.cat([b["mask"] for b in val_dl]))
+    rec = TeacherRecord(
+        name=task, task=task, classes=classes, model=spec, taps=taps,
+        val_iou={c: v for c, v in zip(classes, meter.per_class())}, val_miou=meter.mean(),
+        untrained_miou=untrained, chance_iou={c: v for c, v in zip(classes, chance)},
+        data_hash=_data_hash(data_root), history=history, train_seconds=time.perf_counter() - t0,
+    )
+    with atomic_dir(out_dir / task) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / rec.weights)
+        write_json_atomic(tmp / "teacher.json", asdict(rec))
+    return rec
+
+
+def read_teacher(teacher_dir: Path) -> TeacherRecord:
+    """Read and validate ``teacher.json`` (a missing or malformed file is a :class:`DataError`)."""
+    path = Path(teacher_dir) / "teacher.json"
+    if not path.is_file():
+        raise DataError(f"{path}: teacher manifest not found")
+    try:
+        raw = json.loads(path.read_text())
+        return TeacherRecord(**raw)
+    except (json.JSONDecodeError, TypeError) as err:
+        raise DataError(f"{path}: malformed teacher manifest: {err}") from None
+
+
+def load_teacher(teacher_dir: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, TeacherRecord]:
+    """Rebuild a stored teacher, frozen and in eval mode. Weights load with ``weights_only=True``."""
+    from mike_ray.models import build_model
+
+    rec = read_teacher(teacher_dir)
+    wpath = Path(teacher_dir) / rec.weights
+    try:
+        state = torch.load(wpath, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelError(f"{wpath}: weights file not found") from None
+    except Exception as err:  # unpickling refused, truncated file, ...
+        raise ModelError(f"{wpath}: cannot load weights: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    model = build_model(rec.model)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ModelError(f"{wpath}: weights do not fit model {rec.model.get('arch')}: {str(err).splitlines()[0]}") from None
+    model.eval().requires_grad_(False)
+    return model.to(device), rec
+
+
+def build_zoo(cfg: ZooConfig, data_root: Path, out_root: Path, tracking: Tracking | None = None,
+              parent_run_id: str | None = None, progress: bool = True) -> Path:
+    """Train every missing teacher of ``cfg`` in parallel as Ray tasks; return the zoo directory.
+
+    Re-uses a complete zoo with the same key, and the finished teachers of an interrupted one.
+    Each teacher's per-epoch metrics and final IoU go to MLflow (one run per teacher, nested under
+    ``parent_run_id``) when ``tracking`` is given. Requires ``ray.init`` to have been called.
+    """
+    import ray
+
+    zoo_dir = Path(out_root) / "zoo" / zoo_key(cfg, _data_hash(data_root))
+    if (zoo_dir / "zoo.json").is_file():
+        return zoo_dir
+    todo = [t for t in cfg.tasks if not (zoo_dir / t / "teacher.json").is_file()]
+    remote = ray.remote(num_cpus=cfg.cpus_per_teacher, num_gpus=cfg.gpus_per_teacher, max_retries=1)(train_teacher)
+    pending = {remote.remote(t, Path(data_root), cfg, zoo_dir): t for t in todo}
+    bar = None
+    if progress and pending:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(pending), desc="teacher zoo", unit="teacher")
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        task = pending.pop(done[0])
+        rec: TeacherRecord = ray.get(done[0])
+        if tracking is not None:
+            _log_teacher(tracking, rec, parent_run_id)
+        if bar is not None:
+            bar.set_postfix_str(f"{task} mIoU {rec.val_miou:.3f}")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    records = [read_teacher(zoo_dir / t) for t in cfg.tasks]
+    write_json_atomic(zoo_dir / "zoo.json", {
+        "format": ZOO_FORMAT, "config": cfg.model_dump(), "data_root": str(data_root),
+        "teachers": {r.name: {"task": r.task, "val_miou": r.val_miou, "path": r.name} for r in records},
+    })
+    return zoo_dir
+
+
+def read_zoo(zoo_dir: Path) -> dict[str, TeacherRecord]:
+    """All teacher records of a complete zoo, by name (a missing zoo.json is a :class:`DataError`)."""
+    path = Path(zoo_dir) / "zoo.json"
+    if not path.is_file():
+        raise DataError(f"{path}: teacher zoo manifest not found (is the zoo built?)")
+    try:
+        names = list(json.loads(path.read_text())["teachers"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise DataError(f"{path}: malformed zoo manifest: {err}") from None
+    return {n: read_teacher(Path(zoo_dir) / n) for n in names}
+
+
+def _log_teacher(tracking: Tracking, rec: TeacherRecord, parent_run_id: str | None) -> None:
+    from mike_ray.tracking import start_run
+
+    with start_run(tracking, f"teacher-{rec.name}", parent_run_id,
+                   tags={"mike_ray.stage": "teacher", "mike_ray.task": rec.task}) as run:
+        run.params({"task": rec.task, "model": rec.model, "taps": ",".join(rec.taps), "data_hash": rec.data_hash})
+        for h in rec.history:
+            run.metrics({k: v for k, v in h.items() if k != "epoch"}, step=int(h["epoch"]))
+        final = {f"iou/val/{c.replace(' ', '_')}": v for c, v in rec.val_iou.items() if not math.isnan(v)}
+        final.update({"iou/val/mean": rec.val_miou, "iou/untrained/mean": rec.untrained_miou,
+                      "time/train_seconds": rec.train_seconds})
+        run.metrics(final)

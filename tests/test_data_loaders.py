@@ -1,0 +1,89 @@
+"""Loaders: the torch Dataset's batched __getitems__ and DataLoader, and the Ray Data pipeline."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mike_ray.data.coco import PrepareConfig
+from mike_ray.data.loaders import ShardDataset, make_loader, ray_dataset
+from mike_ray.data.shards import binary_to_array, prepare_dataset, read_shard, shard_path
+from mike_ray.data.synth import generate_coco
+from mike_ray.errors import ConfigError
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    synth = tmp_path_factory.mktemp("synth")
+    generate_coco(synth, n_images=30, seed=2)
+    cfg = PrepareConfig(tasks=["PHB", "DCH", "CTB", "BCV"], augment_copies=1)
+    return prepare_dataset(cfg, synth, tmp_path_factory.mktemp("prep"))
+
+
+def test_dataset_batches_follow_the_contract(prepared: Path) -> None:
+    ds = ShardDataset(prepared, "train", tasks=["DCH", "CTB"])
+    n_dch = read_shard(shard_path(prepared, "train", "DCH"), 64).num_rows
+    assert len(ds) == n_dch + read_shard(shard_path(prepared, "train", "CTB"), 64).num_rows
+    idx = [len(ds) - 1, 0, n_dch]
+    b = ds.__getitems__(idx)
+    assert b["image"].shape == b["mask"].shape == (3, 3, 64, 64)
+    assert b["image"].dtype == b["mask"].dtype == torch.float32 and b["task_id"].dtype == torch.int64
+    assert b["task_id"].tolist() == [9, 5, 9]
+    assert 0 <= b["image"].min() and b["image"].max() <= 1 and set(b["mask"].unique().tolist()) <= {0.0, 1.0}
+    # sample 0 is the first DCH row: HWC bytes → CHW floats
+    table = read_shard(shard_path(prepared, "train", "DCH"), 64)
+    raw = binary_to_array(table.column("image"), (64, 64, 3))[0]
+    assert torch.equal(b["image"][1], torch.from_numpy(raw.copy()).permute(2, 0, 1).float() / 255)
+    assert torch.equal(b["mask"][1], torch.from_numpy(binary_to_array(table.column("mask"), (3, 64, 64))[0].copy()).float())
+    one = ds[0]
+    assert torch.equal(one["image"], b["image"][1]) and one["task_id"].item() == 5
+
+
+def test_loader_yields_seeded_shuffled_whole_batches(prepared: Path) -> None:
+    ds = ShardDataset(prepared, "train")
+    order = [b["task_id"] for b in make_loader(ds, batch_size=16, seed=3)]
+    again = [b["task_id"] for b in make_loader(ds, batch_size=16, seed=3)]
+    assert all(torch.equal(a, b) for a, b in zip(order, again))
+    assert sum(len(t) for t in order) == len(ds) and len(order[0]) == 16
+    assert sorted(torch.cat(order).tolist()) == sorted(ds.task_ids.tolist())
+    first = next(iter(make_loader(ds, batch_size=8, shuffle=False)))
+    assert first["image"].shape == (8, 3, 64, 64) and torch.equal(first["image"], ds.__getitems__(range(8))["image"])
+
+
+def test_bad_split_or_task(prepared: Path) -> None:
+    with pytest.raises(ConfigError, match="split: 'test'"):
+        ShardDataset(prepared, "test")
+    with pytest.raises(ConfigError, match="tasks: SSS not prepared"):
+        ShardDataset(prepared, "train", tasks=["SSS"])
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    if ray.is_initialized():  # a session-wide Ray (tests/conftest.py) is re-used, not shut down
+        yield ray
+        return
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_dataset_gives_the_same_samples(prepared: Path, ray_session) -> None:
+    ds = ShardDataset(prepared, "val", tasks=["PHB", "BCV"])
+    batches = list(ray_dataset(prepared, "val", tasks=["PHB", "BCV"]).iter_batches(batch_size=None,
+                                                                                     batch_format="numpy"))
+    img = np.concatenate([b["image"] for b in batches])
+    msk = np.concatenate([b["mask"] for b in batches])
+    tid = np.concatenate([b["task_id"] for b in batches])
+    assert img.dtype == msk.dtype == np.float32 and tid.dtype == np.int64 and img.shape[1:] == (3, 64, 64)
+    # Ray may return blocks in any order: compare as multisets keyed by the image bytes
+    got = sorted((t, (i * 255).round().astype(np.uint8).tobytes(), m.astype(np.uint8).tobytes())
+                 for t, i, m in zip(tid, img, msk))
+    want = sorted((t, i.tobytes(), m.tobytes()) for t, i, m in zip(ds.task_ids, ds.images, ds.masks))
+    assert len(got) == len(ds) > 0 and got == want
