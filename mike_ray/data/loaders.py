@@ -140,8 +140,13 @@ def count_rows(root: str | Path, split: str, tasks: Sequence[str] | None = None)
     return sum(man.rows(split, t) for t in _select_tasks(man, tasks, root))
 
 
-def ray_dataset(root: str | Path, split: str, tasks: Sequence[str] | None = None) -> "ray.data.Dataset":
+def ray_dataset(root: str | Path, split: str, tasks: Sequence[str] | None = None,
+                num_cpus: float = 0.25) -> "ray.data.Dataset":
     """A streaming Ray Dataset of the same samples (rows in shard order; shuffle downstream).
+
+    ``num_cpus`` per read/decode task is fractional on purpose: with shards and trainer workers
+    holding most logical CPUs, whole-CPU data tasks would never schedule (a deadlock seen on 2 CPUs,
+    shared/notes/integration.md).
 
     ``read_parquet`` turns the raw ``binary`` columns into uint8 tensor columns itself
     (``tensor_column_schema``); a ``map_batches`` converts them to the contract's float arrays.
@@ -159,6 +164,8 @@ def ray_dataset(root: str | Path, split: str, tasks: Sequence[str] | None = None
     for p in paths:  # fail fast with a DataError naming the file, before any Ray task runs
         check_shard_schema(p)
     ds = ray.data.read_parquet(paths, tensor_column_schema={"image": (np.uint8, (s, s, 3)),
-                                                            "mask": (np.uint8, (3, s, s))})
+                                                            "mask": (np.uint8, (3, s, s))},
+                               ray_remote_args={"num_cpus": num_cpus})
     # select_columns is pushed down into the Parquet read (``columns=`` is deprecated in 2.60)
-    return ds.select_columns(["image", "mask", "task_id"]).map_batches(decode_numpy_batch, batch_format="numpy")
+    return ds.select_columns(["image", "mask", "task_id"]).map_batches(decode_numpy_batch, batch_format="numpy",
+                                                                        num_cpus=num_cpus)

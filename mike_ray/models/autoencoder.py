@@ -51,12 +51,17 @@ class AutoEncoder(nn.Module):
         kernel_size: depthwise kernel of every MBConv.
         in_channels: image channels; out_channels: channels ``decode`` produces (3: RGB or a
             3-class mask).
+        stem_stride: 2 makes the stem stride 2 (and adds a ×2 upsampling before the decoder's output
+            conv): blocks run at half resolution; use ``num_downsamples=2`` to keep an 8×8 embedding.
     """
 
     def __init__(self, embed_channels: int = 2, width: int = 16, depth: int = 8, num_downsamples: int = 3,
                  expand_ratio: float = 6.0, kernel_size: int = 3, in_channels: int = 3,
-                 out_channels: int = 3) -> None:
+                 out_channels: int = 3, stem_stride: int = 1) -> None:
         super().__init__()
+        if stem_stride not in (1, 2):
+            raise ModelError(f"model 'autoencoder': stem_stride must be 1 or 2, got {stem_stride!r}")
+        self.stem_stride = stem_stride
         for field, value, minimum in (("embed_channels", embed_channels, 1), ("width", width, 1),
                                       ("num_downsamples", num_downsamples, 0),
                                       ("in_channels", in_channels, 1), ("out_channels", out_channels, 1)):
@@ -79,8 +84,8 @@ class AutoEncoder(nn.Module):
         self._top, self._in, self._out = width * 2 ** level, in_channels, out_channels
 
         enc: OrderedDict[str, nn.Module] = OrderedDict()
-        enc["stem"] = Conv2dNormActivation(in_channels, width, kernel_size=3, norm_layer=norm_layer,
-                                           activation_layer=nn.SiLU)
+        enc["stem"] = Conv2dNormActivation(in_channels, width, kernel_size=3, stride=stem_stride,
+                                           norm_layer=norm_layer, activation_layer=nn.SiLU)
         for i, (c_in, c_out, stride, exp) in enumerate(specs, 1):
             enc[f"block{i:02d}"] = mbconv(c_in, c_out, stride=stride, expand_ratio=exp,
                                           kernel_size=kernel_size)
@@ -99,12 +104,14 @@ class AutoEncoder(nn.Module):
             dec[f"block{i:02d}"] = (
                 UpBlock(c_out, c_in, expand_ratio=exp, kernel_size=self._kernel_size) if stride == 2
                 else mbconv(c_out, c_in, expand_ratio=exp, kernel_size=self._kernel_size))
+        if self.stem_stride != 1:  # mirror of the strided stem
+            dec["up"] = nn.Upsample(scale_factor=self.stem_stride, mode="bilinear", align_corners=False)
         dec["out"] = nn.Conv2d(self.width, self._out, kernel_size=3, padding=1)
         return nn.Sequential(dec)
 
     def embedding_shape(self, image_size: int = 64) -> tuple[int, int, int]:
         """C×h×w of ``encode``'s output for square images of side ``image_size``."""
-        side = image_size // 2 ** self.num_downsamples
+        side = image_size // (self.stem_stride * 2 ** self.num_downsamples)
         return (self.embed_channels, side, side)
 
     def encode(self, x: Tensor) -> Tensor:

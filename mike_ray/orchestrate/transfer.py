@@ -71,6 +71,10 @@ def run_transfer(cfg: TransferConfig, teachers: Sequence[TeacherRef], data_root:
 
     from mike_ray.data.loaders import ray_dataset, count_rows
 
+    # Read and decode the query data first, while shards and workers hold no CPUs: on a small
+    # machine Ray Data's read tasks would otherwise wait forever for a free CPU. The materialised
+    # blocks sit in the object store; workers only stream them.
+    datasets = {split: ray_dataset(data_root, split, query_tasks).materialize() for split in ("train", "val")}
     own_shards = shards is None and cfg.method == "mike"
     if own_shards:
         shards = ShardGroup(teachers, placement)
@@ -91,8 +95,7 @@ def run_transfer(cfg: TransferConfig, teachers: Sequence[TeacherRef], data_root:
                 failure_config=ray.train.FailureConfig(max_failures=workers.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 callbacks=list(callbacks)),
-            datasets={"train": ray_dataset(data_root, "train", query_tasks),
-                      "val": ray_dataset(data_root, "val", query_tasks)},
+            datasets=datasets,
         )
         try:
             result = trainer.fit()

@@ -148,7 +148,7 @@ def train_teacher(task: str, data_root: Path, cfg: ZooConfig, out_dir: Path) -> 
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(x)
+            total += loss.item() * len(x)
             n += len(x)
         meter = evaluate()
         history.append({"epoch": epoch, "loss/train": total / max(n, 1), "iou/val/mean": meter.mean()})

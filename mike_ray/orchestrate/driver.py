@@ -1,0 +1,128 @@
+"""The sweep driver: stages, then trials (Tune + Optuna), then the sweep's summary.
+
+Levels (DESIGN.md): this driver → one trial function per trial (shards + TorchTrainer) → the
+training loop. Each level sees only its own slice of the configuration.
+"""
+from __future__ import annotations
+
+import math
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mike_ray.config import SweepConfig
+from mike_ray.orchestrate.stages import ensure_data, ensure_zoo
+from mike_ray.tracking import Tracking, start_run
+
+
+@dataclass
+class SweepSummary:
+    """What a sweep leaves behind, and the lines printed at its end."""
+
+    name: str
+    output: Path
+    data_root: Path
+    zoo_dir: Path
+    tracking: Tracking
+    parent_run_id: str
+    teachers: dict[str, dict[str, float]] = field(default_factory=dict)
+    trials: list[dict[str, Any]] = field(default_factory=list)
+
+    def report(self) -> str:
+        lines = [f"sweep '{self.name}'", f"  outputs:       {self.output}",
+                 f"  data:          {self.data_root}", f"  teacher zoo:   {self.zoo_dir}"]
+        if self.teachers:
+            lines.append("  teachers (val mIoU | untrained | chance):")
+            for name, t in self.teachers.items():
+                lines.append(f"    {name:4s} {t['val_miou']:.3f} | {t['untrained_miou']:.3f} | {t['chance_miou']:.3f}")
+        if self.trials:
+            from mike_ray.report.tables import trial_table
+
+            lines.append(trial_table(self.trials))
+        lines += [f"  MLflow store:  {self.tracking.uri}  (experiment '{self.tracking.experiment}', "
+                  f"parent run {self.parent_run_id})",
+                  f"  open the UI:   {self.tracking.ui_hint()}"]
+        return "\n".join(lines)
+
+
+def git_commit() -> str:
+    """The code's git commit (or 'unknown' outside a checkout, e.g. a `ray job` working dir)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def trial_plan(cfg: SweepConfig) -> str:
+    """Human-readable plan for ``--dry-run``."""
+    s = cfg.study
+    dims = {k: v for k, v in cfg.search.model_dump().items() if v is not None}
+    lines = [f"plan: {s.trials} Optuna trial(s) × {s.repeats} seed(s), concurrency {s.concurrency}, "
+             f"objective {s.objective} ({s.direction}), method {cfg.method}",
+             f"  search: {dims or 'nothing (fixed settings)'}",
+             f"  teacher subsets: {({k: cfg.subset(k) for k in cfg.teacher_subsets})}"]
+    if s.baselines:
+        lines.append(f"  + {len(cfg.teacher_subsets)} pixel baseline(s), one per teacher subset")
+    return "\n".join(lines)
+
+
+def _find_parent_run(tracking: Tracking, name: str) -> str | None:
+    """The newest unfinished-or-finished parent run of sweep ``name`` (for --resume)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking.uri)
+    runs = client.search_runs([tracking.experiment_id()],
+                              filter_string=f"tags.`mike_ray.sweep` = '{name}' and tags.`mike_ray.stage` = 'sweep'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def run_sweep(cfg: SweepConfig, sweep_file: str | Path, resume: bool = False) -> SweepSummary:
+    """Stages (data, zoo) then trials, under one MLflow parent run. Requires ``ray.init``."""
+    import mlflow
+
+    out = cfg.output_dir()
+    tracking = Tracking.resolve(out, cfg.mlflow.experiment, cfg.mlflow.tracking_uri)
+    client = mlflow.MlflowClient(tracking.uri)
+    parent_id = _find_parent_run(tracking, cfg.name) if resume else None
+    if parent_id is None:
+        run = client.create_run(tracking.experiment_id(), run_name=f"sweep-{cfg.name}", tags={
+            "mike_ray.stage": "sweep", "mike_ray.sweep": cfg.name, "mike_ray.sweep_file": str(sweep_file),
+            "mike_ray.git_commit": git_commit(), "mike_ray.method": cfg.method})
+        parent_id = run.info.run_id
+        from mike_ray.tracking import RunLogger
+
+        logger = RunLogger(client, parent_id)
+        logger.params(cfg.model_dump(mode="json"))
+        logger.dict_artifact(cfg.model_dump(mode="json"), "resolved_config.json")
+    else:
+        client.update_run(parent_id, status="RUNNING")
+
+    status = "FAILED"
+    try:
+        # --- stages: built once, keyed by config, re-used by every trial -----------------------
+        data_root = ensure_data(cfg.data, out)
+        zoo_dir = ensure_zoo(cfg.zoo, data_root, out, tracking, parent_id)
+        summary = SweepSummary(cfg.name, out, data_root, zoo_dir, tracking, parent_id)
+        summary.teachers = _teacher_table(zoo_dir)
+        # --- trials ------------------------------------------------------------------------------
+        from mike_ray.orchestrate.tuning import run_trials
+
+        summary.trials = run_trials(cfg, data_root, zoo_dir, tracking, parent_id, resume=resume)
+        status = "FINISHED"
+        return summary
+    finally:
+        client.set_terminated(parent_id, status=status)
+
+
+def _teacher_table(zoo_dir: Path) -> dict[str, dict[str, float]]:
+    from mike_ray.teachers.zoo import read_zoo
+
+    table = {}
+    for name, rec in read_zoo(zoo_dir).items():
+        chance = [v for v in rec.chance_iou.values() if not math.isnan(v)]
+        table[name] = {"val_miou": rec.val_miou, "untrained_miou": rec.untrained_miou,
+                       "chance_miou": sum(chance) / len(chance) if chance else math.nan}
+    return table

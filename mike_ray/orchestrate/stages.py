@@ -1,0 +1,60 @@
+"""Pipeline stages before any trial: data → teacher zoo. Each is keyed by its config and re-used.
+
+    <output>/data/generated/<key>/     the embedded COCO-format default (annotations + images)
+    <output>/data/prepared/<key>/      Parquet shards + manifest
+    <output>/zoo/<key>/                teacher weights + manifests
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from mike_ray.config import DataConfig
+from mike_ray.data.shards import prepare_dataset
+from mike_ray.tracking import Tracking
+from mike_ray.teachers.zoo import ZooConfig, build_zoo
+from mike_ray.utils import atomic_dir, config_key
+
+
+def _bar(desc: str, unit: str):
+    """A progress(done, total) callback drawing a tqdm bar."""
+    from tqdm import tqdm
+
+    state: dict = {}
+
+    def progress(done: int, total: int) -> None:
+        if "bar" not in state:
+            state["bar"] = tqdm(total=total, desc=desc, unit=unit, leave=False)
+        state["bar"].n = done
+        state["bar"].refresh()
+        if done >= total:
+            state["bar"].close()
+
+    return progress
+
+
+def ensure_coco_root(cfg: DataConfig, out: Path) -> Path:
+    """The COCO-layout source directory: the user's, or the generated default (built once)."""
+    if cfg.source == "coco":
+        return Path(cfg.coco_root)  # validated to exist by the config
+    from mike_ray.data.synth import DEFAULT_SPLIT, generate_coco
+
+    root = out / "data" / "generated" / config_key(cfg.generate.model_dump())
+    if not (root / "annotations" / f"instances_{DEFAULT_SPLIT}.json").is_file():
+        # generated under a temporary name: a killed run leaves nothing that looks finished
+        with atomic_dir(root) as tmp:
+            generate_coco(tmp, n_images=cfg.generate.images, seed=cfg.generate.seed,
+                          progress=_bar("generate COCO-format data", "img"))
+    return root
+
+
+def ensure_data(cfg: DataConfig, out: Path) -> Path:
+    """Prepared Parquet dataset for ``cfg`` (re-used when its manifest exists)."""
+    coco_root = ensure_coco_root(cfg, out)
+    return prepare_dataset(cfg.prepare, coco_root, out / "data" / "prepared", splits=cfg.splits,
+                           progress=_bar("prepare task crops", "img"))
+
+
+def ensure_zoo(cfg: ZooConfig, data_root: Path, out: Path, tracking: Tracking | None = None,
+               parent_run_id: str | None = None) -> Path:
+    """The teacher zoo for ``cfg`` on ``data_root`` (missing teachers are trained as Ray tasks)."""
+    return build_zoo(cfg, data_root, out, tracking=tracking, parent_run_id=parent_run_id)

@@ -1,0 +1,68 @@
+"""`python -m mike_ray.sweep SWEEP.yaml [--dry-run] [--resume] [--set KEY=VALUE ...]`
+
+The user's main job, locally or through `ray job submit`: validate the sweep file, build (or re-use)
+the data and the teacher zoo, run the trials, log everything to MLflow and print where it went.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from mike_ray.errors import cli_main
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mike_ray.sweep", description=__doc__.splitlines()[0])
+    p.add_argument("sweep", help="sweep YAML file (see sweeps/)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and trial plan, exit 0")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field, e.g. --set study.trials=2 (YAML value)")
+    return p
+
+
+def init_ray(address: str | None, num_cpus: int | None) -> None:
+    """Connect to a cluster (``address`` or $RAY_ADDRESS, as under `ray job submit`) or start a
+    local instance whose dashboard listens on 127.0.0.1 only."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", include_dashboard=False, runtime_env=env)
+
+
+@cli_main
+def main(argv: Sequence[str] | None = None) -> int:
+    from mike_ray.config import load_sweep
+
+    args = _parser().parse_args(argv)
+    cfg = load_sweep(args.sweep, args.overrides)
+    if args.dry_run:
+        from mike_ray.orchestrate.driver import trial_plan
+
+        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        print(trial_plan(cfg))
+        return 0
+
+    from mike_ray.orchestrate.driver import run_sweep
+
+    t0 = time.perf_counter()
+    init_ray(cfg.resources.ray_address, cfg.resources.num_cpus)
+    summary = run_sweep(cfg, sweep_file=args.sweep, resume=args.resume)
+    print(summary.report())
+    print(f"done in {time.perf_counter() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
