@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from mike_ray.config_base import StrictModel, load_yaml, validate
 from mike_ray.data.coco import PrepareConfig
@@ -145,6 +145,8 @@ class SweepConfig(StrictModel):
     study: StudyConfig = Field(default_factory=StudyConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    # named diffs on top of this file (e.g. "smoke": the same sweep, tiny); applied by --profile
+    profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("teacher_subsets")
     @classmethod
@@ -169,15 +171,39 @@ class SweepConfig(StrictModel):
             if missing:
                 raise ValueError(f"teacher_subsets.{name}: teacher '{missing[0]}' is not in zoo.tasks")
             prepared = set(self.data.prepare.tasks)
-            if any(t not in prepared for t in self.subset(name)):
-                raise ValueError(f"teacher_subsets.{name}: its tasks must be in data.prepare.tasks")
+            unprepared = [t for t in self.subset(name) if t not in prepared]
+            if unprepared:
+                raise ValueError(f"teacher_subsets.{name}: task '{unprepared[0]}' is not in data.prepare.tasks")
         for name in self.search.teacher_subset or []:
             if name not in self.teacher_subsets:
                 raise ValueError(f"search.teacher_subset: '{name}' is not a key of teacher_subsets")
         missing = [t for t in self.downstream.tasks if t not in self.data.prepare.tasks]
         if missing:
             raise ValueError(f"downstream.tasks: '{missing[0]}' is not in data.prepare.tasks")
+        self._check_search_values()
         return self
+
+    def _check_search_values(self) -> None:
+        """Every value a search dimension can take (each choice; a range's ends) must be valid for
+        the transfer field it sets, so a bad one fails here rather than in a trial."""
+        targets = {"lr": ("lr",), "pretrain_fraction": ("schedule", "pretrain_fraction"),
+                   "num_phases": ("schedule", "num_phases")}
+        for name, keys in targets.items():
+            dim = getattr(self.search, name)
+            if dim is None:
+                continue
+            for v in ([dim.low, dim.high] if isinstance(dim, Range) else dim):
+                t = self.transfer.model_dump()
+                node = t
+                for k in keys[:-1]:
+                    node = node[k]
+                node[keys[-1]] = v
+                try:
+                    TransferConfig.model_validate(t)
+                except ValidationError as err:
+                    why = err.errors()[0].get("msg", "invalid value")
+                    raise ValueError(f"search.{name}: {v!r} is not a valid transfer.{'.'.join(keys)} "
+                                     f"({why})") from None
 
     def subset(self, name: str) -> list[str]:
         """Teacher names of a subset ("all" → every zoo teacher)."""
@@ -188,22 +214,47 @@ class SweepConfig(StrictModel):
         return Path(self.output).resolve()
 
 
-def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
-    """Load and validate a sweep file; ``overrides`` are ``dotted.key=yaml_value`` strings."""
+def deep_merge(base: dict[str, Any], diff: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``diff`` merged in (mappings recursively, everything else replaced)."""
+    out = dict(base)
+    for k, v in diff.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None, profile: str | None = None) -> SweepConfig:
+    """Load and validate a sweep file.
+
+    ``profile`` merges ``profiles.<name>`` from the same file; ``overrides`` are
+    ``dotted.key=yaml_value`` strings applied last.
+    """
     import yaml
 
     raw = load_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
+    if profile is not None:
+        profiles = raw.get("profiles") or {}
+        if profile not in profiles:
+            raise ConfigError(f"{path}: profiles: no profile '{profile}' (has: {', '.join(profiles) or 'none'})")
+        if not isinstance(profiles[profile], dict):
+            raise ConfigError(f"{path}: profiles.{profile}: must be a mapping")
+        raw = deep_merge(raw, profiles[profile])
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
         key, value = item.split("=", 1)
         node = raw
         parts = key.split(".")
+        if not all(parts):
+            raise ConfigError(f"--set {item!r}: empty key")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: '{p}' is not a mapping")
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            why = getattr(err, "problem", None) or err
+            raise ConfigError(f"--set {key}: invalid YAML value {value!r}: {why}") from None
     return validate(SweepConfig, raw, source=str(path))

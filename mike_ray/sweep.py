@@ -21,6 +21,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("sweep", help="sweep YAML file (see sweeps/)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and trial plan, exit 0")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    p.add_argument("--profile", help="apply the sweep file's profiles.<NAME> diff (e.g. smoke)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. --set study.trials=2 (YAML value)")
     return p
@@ -46,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mike_ray.config import load_sweep
 
     args = _parser().parse_args(argv)
-    cfg = load_sweep(args.sweep, args.overrides)
+    cfg = load_sweep(args.sweep, args.overrides, args.profile)
     if args.dry_run:
         from mike_ray.orchestrate.driver import trial_plan
 

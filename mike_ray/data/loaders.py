@@ -169,3 +169,37 @@ def ray_dataset(root: str | Path, split: str, tasks: Sequence[str] | None = None
     # select_columns is pushed down into the Parquet read (``columns=`` is deprecated in 2.60)
     return ds.select_columns(["image", "mask", "task_id"]).map_batches(decode_numpy_batch, batch_format="numpy",
                                                                         num_cpus=num_cpus)
+
+
+def query_dataset(root: str | Path, split: str, tasks: Sequence[str] | None = None) -> "ray.data.Dataset":
+    """The samples of ``split``/``tasks`` read in this process and handed to Ray Data as Arrow blocks.
+
+    Unlike :func:`ray_dataset` this starts no Ray task: inside a Tune trial whose placement group
+    holds the teacher shards, Ray Data's file-listing task (1 CPU) may never find a free CPU on a
+    small machine. Columns stay uint8 (``image`` B×3×S×S, ``mask`` B×3×S×S) plus ``task_id``; the
+    training loop converts a batch with :func:`to_float_batch`.
+    """
+    import pyarrow as pa
+    import ray.data
+    from ray.data.extensions import ArrowTensorArray
+
+    ds = ShardDataset(root, split, tasks)
+    if len(ds) == 0:
+        raise ConfigError(f"tasks: no {split} rows for {', '.join(ds.tasks)} in {root}")
+    blocks = []
+    for i in range(0, len(ds), 512):  # several blocks, so DDP workers can split them
+        sl = slice(i, i + 512)
+        blocks.append(pa.table({"image": ArrowTensorArray.from_numpy(ds.images[sl]),
+                                "mask": ArrowTensorArray.from_numpy(ds.masks[sl]),
+                                "task_id": pa.array(ds.task_ids[sl])}))
+    return ray.data.from_arrow(blocks)
+
+
+def to_float_batch(batch: dict[str, torch.Tensor]) -> Batch:
+    """uint8 ``image``/``mask`` tensors → the contract's float32 batch (``image`` in [0,1])."""
+    out = dict(batch)
+    if out["image"].dtype == torch.uint8:
+        out["image"] = out["image"].float().div_(255.0)
+    if out["mask"].dtype == torch.uint8:
+        out["mask"] = out["mask"].float()
+    return out

@@ -115,8 +115,17 @@ def evaluate_downstream(model_spec: Mapping[str, Any], state: Mapping[str, torch
     """
     import ray
 
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     state_ref = ray.put({k: v.detach().cpu() for k, v in state.items()})
-    remote = ray.remote(num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task, max_retries=1)(train_downstream)
+    # Inside a Tune trial, tasks land in the trial's placement group: use its bundles when one can
+    # hold a task (the shards' bundles are idle by now), otherwise run outside it.
+    pg = ray.util.get_current_placement_group()
+    fits = pg is not None and any(b.get("CPU", 0) >= cfg.cpus_per_task and b.get("GPU", 0) >= cfg.gpus_per_task
+                                  for b in pg.bundle_specs)
+    strategy = PlacementGroupSchedulingStrategy(pg if fits else None, placement_group_bundle_index=-1)
+    remote = ray.remote(num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task, max_retries=1,
+                        scheduling_strategy=strategy)(train_downstream)
     refs = [remote.remote(t, dict(model_spec), state_ref, str(data_root), cfg) for t in cfg.tasks]
     out: dict[str, dict[str, float]] = {}
     for res in ray.get(refs):

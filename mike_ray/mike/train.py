@@ -59,6 +59,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from mike_ray.data.loaders import to_float_batch
     from mike_ray.mike.loss import pixel_loss
     from mike_ray.models import build_model
 
@@ -107,6 +108,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         for batch in train_ds.iter_torch_batches(batch_size=cfg.batch_size, device=device,
                                                  local_shuffle_buffer_size=4 * cfg.batch_size,
                                                  local_shuffle_seed=cfg.seed * 1000 + epoch):
+            batch = to_float_batch(batch)
             x, task_ids = batch["image"], batch["task_id"]
             # forward the autoencoder: x̄ = sigmoid(decoder(encoder(x)))
             xbar = model(x)
@@ -130,7 +132,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
             # pixel term, computed here so its gradient joins the teachers' in one backward pass
             pix = pixel_loss(x, xbar)
-            total = teacher_loss + pix_w * float(pix)
+            total = teacher_loss + pix_w * pix.item()
             if not math.isfinite(total):
                 raise TrainingError(f"transfer: non-finite loss {total} at epoch {epoch} step {step} "
                                     f"(teacher {teacher_loss}, pixel {float(pix)})")
@@ -145,7 +147,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             step += 1
             acc["loss/train/total"].append(total)
             acc["loss/train/teacher"].append(teacher_loss)
-            acc["loss/train/pixel_mse"].append(float(pix))
+            acc["loss/train/pixel_mse"].append(pix.item())
 
         # --- validation: pixel MSE and the uniform-weighted teacher loss, per tap ----------------
         model.eval()
@@ -154,6 +156,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             for i, batch in enumerate(val_ds.iter_torch_batches(batch_size=cfg.batch_size, device=device)):
                 if cfg.val_batches is not None and i >= cfg.val_batches:
                     break
+                batch = to_float_batch(batch)
                 x, task_ids = batch["image"], batch["task_id"]
                 xbar = model(x)
                 vacc["loss/val/pixel_mse"].append(float(pixel_loss(x, xbar)))

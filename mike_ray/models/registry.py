@@ -4,6 +4,7 @@ A model spec is a small dict (a section of a sweep or teacher-zoo file)::
 
     {"arch": "segmenter", "width": 16, "depth": 16, "num_classes": 3, "seed": 0}
     {"arch": "autoencoder", "embed_channels": 2}
+    {"arch": "wrn", "depth": 16, "width": 4, "num_classes": 33}  # CIFAR-style classifiers (MHGD)
     {"arch": "resnet18", "num_classes": 3}                    # any torchvision classifier, weights=None
     {"arch": "my_pkg.nets:make_net", "kwargs": {"k": 1}}      # any importable nn.Module factory
 
@@ -26,6 +27,7 @@ from torch import nn
 from mike_ray.config_base import StrictModel, format_validation_error
 from mike_ray.errors import ModelError, one_line
 from mike_ray.models.autoencoder import AutoEncoder
+from mike_ray.models.classifiers import mobilenet_cifar, resnet_cifar, vgg_cifar, wrn
 from mike_ray.models.segmenter import Segmenter
 
 __all__ = ["ModelSpec", "available_archs", "build_model", "load_weights", "save_weights"]
@@ -35,6 +37,11 @@ _CUSTOM: dict[str, tuple[Callable[..., nn.Module], tuple[str, ...]]] = {
     "segmenter": (Segmenter, ("num_classes", "width", "depth", "num_downsamples", "expand_ratio", "stem_stride")),
     "autoencoder": (AutoEncoder, ("embed_channels", "width", "depth", "num_downsamples", "expand_ratio",
                                   "stem_stride")),
+    # CIFAR-style classifiers for MHGD (models/classifiers.py); extra options (widths, dropout) via kwargs
+    "wrn": (wrn, ("num_classes", "width", "depth")),
+    "resnet_cifar": (resnet_cifar, ("num_classes", "width", "depth")),
+    "vgg_cifar": (vgg_cifar, ("num_classes", "width", "depth")),
+    "mobilenet_cifar": (mobilenet_cifar, ("num_classes", "width", "depth", "expand_ratio")),
 }
 _TYPED_FIELDS = ("num_classes", "width", "depth", "num_downsamples", "expand_ratio", "embed_channels",
                  "stem_stride")

@@ -111,6 +111,7 @@ def run_sweep(cfg: SweepConfig, sweep_file: str | Path, resume: bool = False) ->
         from mike_ray.orchestrate.tuning import run_trials
 
         summary.trials = run_trials(cfg, data_root, zoo_dir, tracking, parent_id, resume=resume)
+        _log_sweep_summary(client, parent_id, summary)
         status = "FINISHED"
         return summary
     finally:
@@ -126,3 +127,31 @@ def _teacher_table(zoo_dir: Path) -> dict[str, dict[str, float]]:
         table[name] = {"val_miou": rec.val_miou, "untrained_miou": rec.untrained_miou,
                        "chance_miou": sum(chance) / len(chance) if chance else math.nan}
     return table
+
+
+def _log_sweep_summary(client, parent_id: str, summary: SweepSummary) -> None:
+    """The end of a sweep: the trial table and the combined radar chart (paper fig. 4) on the parent."""
+    import tempfile
+
+    from mike_ray.report.plots import radar_chart
+    from mike_ray.report.tables import best_per_subset, to_json, trial_table
+
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        (d / "trials.txt").write_text(trial_table(summary.trials) + "\n")
+        (d / "trials.json").write_text(to_json(summary.trials))
+        client.log_artifact(parent_id, str(d / "trials.txt"))
+        client.log_artifact(parent_id, str(d / "trials.json"))
+        series = {}
+        for subset, rows in best_per_subset(summary.trials).items():
+            if "best" in rows:
+                series[f"MIKE {subset}"] = rows["best"]["per_task"]
+            if "baseline" in rows:
+                series[f"pixel {subset}"] = rows["baseline"]["per_task"]
+        if series:
+            client.log_artifact(parent_id, str(radar_chart(series, d / "radar_best_per_subset.png",
+                                                           "best encoder per teacher subset vs pixel baseline")),
+                                "plots")
+    finite = [t["score"] for t in summary.trials if t["method"] != "pixel" and t["score"] == t["score"]]
+    if finite:
+        client.log_metric(parent_id, "score/best_mean_norm_iou", max(finite))

@@ -52,10 +52,17 @@ def teacher_refs(zoo_dir: Path, names: Sequence[str]) -> list[TeacherRef]:
     return refs
 
 
+def query_datasets(data_root: str | Path, query_tasks: Sequence[str]) -> dict[str, Any]:
+    """``{"train", "val"}`` Ray Datasets of the query tasks' crops (uint8, read in this process)."""
+    from mike_ray.data.loaders import query_dataset
+
+    return {split: query_dataset(data_root, split, query_tasks) for split in ("train", "val")}
+
+
 def run_transfer(cfg: TransferConfig, teachers: Sequence[TeacherRef], data_root: str | Path,
                  query_tasks: Sequence[str], placement: PlacementConfig, workers: WorkersConfig,
                  storage_path: str | Path, name: str, callbacks: Sequence[Any] = (),
-                 shards: ShardGroup | None = None) -> TransferResult:
+                 shards: ShardGroup | None = None, datasets: dict[str, Any] | None = None) -> TransferResult:
     """Fit one MIKE (or pixel) autoencoder; resumes by itself from ``storage_path/name``.
 
     Args:
@@ -64,17 +71,23 @@ def run_transfer(cfg: TransferConfig, teachers: Sequence[TeacherRef], data_root:
         placement/workers: where teachers and trainer workers run.
         storage_path/name: Ray Train's run directory (checkpoints; a rerun with the same name resumes).
         callbacks: Ray Train callbacks (a Tune trial passes TuneReportCallback).
-        shards: an existing ShardGroup (tests inject one to kill a shard mid-run).
+        shards: an existing ShardGroup (a trial places it in its placement group; tests kill one).
+        datasets: prebuilt ``{"train", "val"}`` Ray Datasets of the query tasks (a sweep builds them
+            once in its driver: inside a trial's placement group, Ray Data's 1-CPU metadata tasks
+            could not be scheduled on a small machine).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from mike_ray.data.loaders import ray_dataset, count_rows
+    from mike_ray.data.loaders import count_rows
 
-    # Read and decode the query data first, while shards and workers hold no CPUs: on a small
-    # machine Ray Data's read tasks would otherwise wait forever for a free CPU. The materialised
-    # blocks sit in the object store; workers only stream them.
-    datasets = {split: ray_dataset(data_root, split, query_tasks).materialize() for split in ("train", "val")}
+    # The query data is read here and handed to Ray Data as blocks (no read task to schedule:
+    # with shards holding CPUs, a small machine could never run Ray Data's 1-CPU file listing).
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # per-block bars flood job logs
+    if datasets is None:
+        datasets = query_datasets(data_root, query_tasks)
     own_shards = shards is None and cfg.method == "mike"
     if own_shards:
         shards = ShardGroup(teachers, placement)

@@ -186,7 +186,10 @@ class ShardGroup:
     """
 
     def __init__(self, teachers: Sequence[TeacherRef], placement: PlacementConfig,
-                 dtype: torch.dtype = torch.float32, name_prefix: str | None = None) -> None:
+                 dtype: torch.dtype = torch.float32, placement_group: object | None = None,
+                 first_bundle: int = 0) -> None:
+        """``placement_group``: a Ray placement group whose bundles ``first_bundle``, +1, … hold the
+        shards (a Tune trial reserves them, so the autoscaler sees the teachers' demand)."""
         if not teachers:
             raise ModelError("teachers: at least one teacher is required")
         self.placement = placement
@@ -200,11 +203,19 @@ class ShardGroup:
         else:
             import ray
 
-            actor_cls = ray.remote(TeacherShard).options(
-                num_cpus=placement.cpus_per_shard, num_gpus=placement.gpus_per_shard,
-                max_restarts=placement.max_restarts, max_task_retries=0)
-            self.shards = [actor_cls.remote(g, placement.device, placement.threads, placement.bf16, dtype)
-                           for g in self.groups]
+            actor_cls = ray.remote(TeacherShard)
+            base = dict(num_cpus=placement.cpus_per_shard, num_gpus=placement.gpus_per_shard,
+                        max_restarts=placement.max_restarts, max_task_retries=0)
+            self.shards = []
+            for i, g in enumerate(self.groups):
+                opts = dict(base)
+                if placement_group is not None:
+                    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+                    opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                        placement_group, placement_group_bundle_index=first_bundle + i)
+                self.shards.append(actor_cls.options(**opts).remote(
+                    g, placement.device, placement.threads, placement.bf16, dtype))
             self._taps = {}
             for taps in ray.get([s.taps.remote() for s in self.shards]):
                 self._taps.update(taps)

@@ -1,0 +1,757 @@
+"""MHGD and its baselines: teacher training, phase 1 (attention heads), phase 2 (student), in-process.
+
+    teacher (frozen) ─► teacher_targets(teacher, x) = [V_1 … V_L]   one vector per sample and sensing point
+    phase 1:  heads_m  ← minimise Σ_m mean(1 − cos(f2(G·f1(V_m)), V_{m+1}))          (teacher only)
+    phase 2:  student  ← ∇CE + ∇wd + clip(∇ Σ_m KL(G^S_m ‖ G^T_m), ‖∇CE‖·sigmoid(epoch − P))   per parameter
+              with G = softmax_j(tanh(θ(v_i^B)·φ(v_j^F))) through the frozen heads (BN in inference mode)
+
+Everything here runs in one process without Ray: :func:`train_teacher_classifier` and :func:`run_method`
+are functions of a :class:`MHGDConfig` and two datasets that return metrics; per-epoch metrics go to an
+optional ``on_epoch(epoch, metrics)`` callback with path-like names. The teacher side is isolated in
+:func:`teacher_targets` / :func:`teacher_outputs` (no gradient; a teacher shard can call them and ship
+the few small tensors they return), the student side never needs the teacher's weights.
+
+Epochs are counted like the authors': phase-1 (or FSP/AB initialisation) epochs first, ``0 … P−1``,
+then the student's ``P … P+E−1``; callback epochs and ``history`` use this global count.
+
+Methods (columns of the paper's table 1):
+
+* ``student``: cross-entropy + weight decay.
+* ``soft_logits``: + ``soft_weight · T²·KL(p_T^T ‖ p_S^T)`` (Hinton).
+* ``fsp``, ``ab``: an initialisation stage of ``init_epochs`` (default ``phase1_epochs``) trains the student
+  (and AB's connectors) on the distillation loss alone; then cross-entropy only.
+* ``kdsvd``: + KD-SVD's loss with MHGD's per-parameter clipping, ramp sigmoid(student epoch).
+* ``mhgd``: phase 1 then phase 2 as above (DESIGN.md § MHGD).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from mike_ray.config_base import StrictModel
+from mike_ray.data.classification import make_classification_loader
+from mike_ray.errors import ConfigError, ModelError, TrainingError
+from mike_ray.mhgd.attention import MultiHeadGraph
+from mike_ray.mhgd.baselines import ABConnectors, ab_distill_loss, fsp_distill_loss, kdsvd_distill_loss
+from mike_ray.mhgd.functional import (clip_transfer_grads, fix_sign, fsp_matrix, soft_logits_loss, stable_sigmoid,
+                                      student_vectors, svd_compress, teacher_vectors, transfer_loss)
+from mike_ray.models.classifiers import DEFAULT_STUDENT, DEFAULT_TEACHER
+from mike_ray.models.registry import ModelSpec, build_model
+from mike_ray.models.taps import TappedModel
+from mike_ray.utils import limit_threads, resolve_device
+
+__all__ = [
+    "METHODS",
+    "EpochCallback",
+    "FrozenTeacher",
+    "MHGDConfig",
+    "TeacherTargets",
+    "clipped_multitask_grads",
+    "evaluate",
+    "mhgd_transfer_loss",
+    "run_method",
+    "teacher_outputs",
+    "teacher_targets",
+    "train_heads",
+    "train_teacher_classifier",
+]
+
+Method = Literal["student", "soft_logits", "fsp", "ab", "kdsvd", "mhgd"]
+METHODS: tuple[str, ...] = ("student", "soft_logits", "fsp", "ab", "kdsvd", "mhgd")
+"""All methods, in the column order of the paper's table 1 (KD-SVDF is not implemented)."""
+_NEEDS_PAIRS = ("fsp", "kdsvd", "mhgd")        # relate consecutive points: >= 2 points, equal channels
+_CLIPPED = ("kdsvd", "mhgd")                    # multi-task with per-parameter clipped transfer gradients
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+"""``on_epoch(epoch, metrics)``: global epoch index and ``{"acc/val": …, "loss/train/ce": …}``."""
+
+
+class MHGDConfig(StrictModel):
+    """One MHGD (or baseline) run: models, sensing points, both phases' optimisation, baseline weights.
+
+    Defaults reproduce the paper's setting where it is known (8 heads, phase 1 = 40 epochs of SGD
+    Nesterov 0.9 at lr 0.1, weight decay 5e-4, T = 4) on the default WRN-16-4 → WRN-10-4 pair; the
+    student schedule (200 epochs, lr 0.1 divided by 5 at 30/60/80 %) is the authors' CIFAR recipe.
+    Small profiles override epochs, batch size and models.
+    """
+
+    method: Method = "mhgd"
+    teacher: ModelSpec = Field(default_factory=lambda: ModelSpec(**DEFAULT_TEACHER),
+                               description="teacher architecture (num_classes: taken from the data when unset)")
+    student: ModelSpec = Field(default_factory=lambda: ModelSpec(**DEFAULT_STUDENT),
+                               description="student architecture (num_classes: taken from the data when unset)")
+    sensing_points: list[str] = Field(default_factory=lambda: ["stage1", "stage2", "stage3"], min_length=1,
+                                      description="teacher module paths, consecutive stage outputs (post-activation)")
+    student_points: list[str] | None = Field(None, description="student module paths (default: sensing_points)")
+    logits_tap: str = Field("fc", min_length=1, description="module whose output is the logits (both models)")
+    ab_student_points: list[str] | None = Field(
+        None, description="AB: student pre-activation taps (default: '<point>.body' where it exists, else the point)")
+
+    # phase 1 (MHGD attention heads) / initialisation stage (FSP, AB)
+    num_heads: int = Field(8, ge=1, description="attention heads A per module")
+    head_dropout: bool = Field(False, description="the authors' random head dropout in phase 1 (not in the paper)")
+    svd_candidates: int = Field(4, ge=1, description="student singular vectors searched for the teacher's match")
+    phase1_epochs: int = Field(40, ge=0, description="MHGD phase 1 (attention heads on the teacher)")
+    phase1_lr: float = Field(0.1, gt=0)
+    phase1_weight_decay: float = Field(5e-4, ge=0)
+    init_epochs: int | None = Field(None, ge=0, description="FSP/AB initialisation stage (default: phase1_epochs)")
+
+    # student (and teacher) training
+    epochs: int = Field(200, ge=1, description="student epochs (phase 2)")
+    teacher_epochs: int = Field(200, ge=1, description="train_teacher_classifier epochs")
+    batch_size: int = Field(128, ge=2, description="also N, the number of nodes of the attention graphs")
+    eval_batch_size: int = Field(256, ge=1)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    lr_milestones: list[float] = Field(default_factory=lambda: [0.3, 0.6, 0.8],
+                                       description="fractions of the epochs where the lr is multiplied by lr_gamma")
+    lr_gamma: float = Field(0.2, gt=0, le=1)
+
+    # baselines
+    temperature: float = Field(4.0, gt=0, description="soft_logits: T")
+    soft_weight: float = Field(1.0, ge=0, description="soft_logits: weight of T²·KL next to CE")
+    fsp_weight: float = Field(1e-3, ge=0, description="fsp: factor of the summed FSP losses")
+    ab_weight: float = Field(1e-3, ge=0, description="ab: factor of the layer-weighted AB losses")
+    ab_margin: float = Field(1.0, gt=0, description="ab: margin m")
+
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: leave as is)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "MHGDConfig":
+        if self.student_points is not None and len(self.student_points) != len(self.sensing_points):
+            raise ValueError(f"student_points: {len(self.student_points)} paths but sensing_points has "
+                             f"{len(self.sensing_points)}")
+        if self.method in _NEEDS_PAIRS and len(self.sensing_points) < 2:
+            raise ValueError(f"sensing_points: method '{self.method}' relates consecutive points and needs >= 2")
+        if self.ab_student_points is not None and len(self.ab_student_points) != len(self.sensing_points):
+            raise ValueError(f"ab_student_points: {len(self.ab_student_points)} paths but sensing_points has "
+                             f"{len(self.sensing_points)}")
+        if any(not 0 < f <= 1 for f in self.lr_milestones):
+            raise ValueError(f"lr_milestones: fractions must lie in (0, 1], got {self.lr_milestones}")
+        return self
+
+    @property
+    def points_student(self) -> list[str]:
+        """The student's sensing points (``student_points`` or ``sensing_points``)."""
+        return list(self.student_points or self.sensing_points)
+
+    @property
+    def init_stage_epochs(self) -> int:
+        """FSP/AB initialisation epochs."""
+        return self.phase1_epochs if self.init_epochs is None else self.init_epochs
+
+
+def _as_config(cfg: MHGDConfig | Mapping[str, Any]) -> MHGDConfig:
+    if isinstance(cfg, MHGDConfig):
+        return cfg
+    from mike_ray.config_base import validate
+
+    return validate(MHGDConfig, dict(cfg), source="mhgd")
+
+
+# --------------------------------------------------------------------------------------------
+# Teacher side: no gradient, small outputs (what a teacher shard would return)
+
+
+class FrozenTeacher(nn.Module):
+    """A trained classifier, frozen (eval mode, no parameter gradients), tapped at its sensing points.
+
+    Args:
+        model: the teacher (modified in place: ``eval()`` and ``requires_grad_(False)``).
+        points: sensing-point module paths (may be empty for soft-logits only).
+        logits_tap: module path of the logits; tapped only when ``with_logits``.
+        with_logits: also return the logits.
+
+    ``forward(x)`` returns ``(features [B,C_k,H_k,W_k] per point, logits or None)`` under ``no_grad``.
+    The module stays in eval mode even if a parent calls ``.train()``.
+    """
+
+    def __init__(self, model: nn.Module, points: Sequence[str], logits_tap: str = "fc",
+                 with_logits: bool = False) -> None:
+        super().__init__()
+        model.eval()
+        model.requires_grad_(False)
+        self.points = list(points)
+        self.logits_tap = logits_tap
+        self.with_logits = bool(with_logits)
+        taps = self.points + ([logits_tap] if with_logits else [])
+        if not taps:
+            raise ModelError("teacher: nothing to tap (no sensing points and no logits)")
+        self.tapped = TappedModel(model, taps, name="teacher")
+        self.tapped.eval()
+
+    def train(self, mode: bool = True) -> "FrozenTeacher":
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor | None]:
+        out = self.tapped(x)
+        feats = [out[p] for p in self.points]
+        return feats, (out[self.logits_tap] if self.with_logits else None)
+
+
+@dataclass
+class TeacherTargets:
+    """What the student needs from the teacher for one batch (all detached, small).
+
+    Attributes:
+        vectors: ``[B, C_k]`` per sensing point: top right singular vector, sign fixed (mhgd, kdsvd).
+        sigmas: ``[B, 1]`` per point: the matching singular value (kdsvd).
+        logits: ``[B, num_classes]`` (soft_logits).
+        fsp: ``[B, C_m, C_{m+1}]`` per consecutive pair (fsp).
+        on: ``[B, C_k, H_k, W_k]`` bool per point: teacher neuron active (ab).
+    """
+
+    vectors: list[Tensor] = field(default_factory=list)
+    sigmas: list[Tensor] = field(default_factory=list)
+    logits: Tensor | None = None
+    fsp: list[Tensor] = field(default_factory=list)
+    on: list[Tensor] = field(default_factory=list)
+
+    def to(self, device: torch.device | str) -> "TeacherTargets":
+        """A copy with every tensor on ``device``."""
+        mv = lambda ts: [t.to(device, non_blocking=True) for t in ts]  # noqa: E731
+        return TeacherTargets(mv(self.vectors), mv(self.sigmas),
+                              None if self.logits is None else self.logits.to(device), mv(self.fsp), mv(self.on))
+
+
+@torch.no_grad()
+def teacher_targets(teacher: FrozenTeacher, x: Tensor) -> list[Tensor]:
+    """MHGD's teacher side: ``[V_1, …, V_L]``, each ``[B, C_k]`` (k = 1, sign fixed), no gradient.
+
+    Module m relates ``V^F = V_m`` and ``V^B = V_{m+1}``.
+    """
+    feats, _ = teacher(x)
+    return [teacher_vectors(f) for f in feats]
+
+
+@torch.no_grad()
+def teacher_outputs(teacher: FrozenTeacher, x: Tensor, method: str) -> TeacherTargets:
+    """The teacher's targets of ``method`` for batch ``x`` (see :class:`TeacherTargets`), no gradient."""
+    if method == "mhgd":
+        return TeacherTargets(vectors=teacher_targets(teacher, x))
+    feats, logits = teacher(x)
+    if method == "soft_logits":
+        if logits is None:
+            raise ModelError("teacher: soft_logits needs the teacher's logits (with_logits=True)")
+        return TeacherTargets(logits=logits)
+    if method == "kdsvd":
+        vs, ss = [], []
+        for f in feats:
+            sigma, v = svd_compress(f, 1)
+            vs.append(fix_sign(v[:, 0]))
+            ss.append(sigma)
+        return TeacherTargets(vectors=vs, sigmas=ss)
+    if method == "fsp":
+        return TeacherTargets(fsp=[fsp_matrix(feats[m], feats[m + 1]) for m in range(len(feats) - 1)])
+    if method == "ab":
+        return TeacherTargets(on=[f > 0 for f in feats])
+    if method == "student":
+        return TeacherTargets()
+    raise ConfigError(f"method: unknown method {method!r} (known: {', '.join(METHODS)})")
+
+
+# --------------------------------------------------------------------------------------------
+# Student side
+
+
+def mhgd_transfer_loss(heads: Sequence[MultiHeadGraph], student_feats: Sequence[Tensor],
+                       teacher_vecs: Sequence[Tensor], num_candidates: int = 4,
+                       teacher_graphs: Sequence[Tensor] | None = None) -> Tensor:
+    """Phase-2 transfer loss ``Σ_m KL(G^S_m ‖ G^T_m)`` through the frozen heads (smoothed graphs).
+
+    Args:
+        heads: one frozen :class:`MultiHeadGraph` per module (L−1 of them).
+        student_feats: the student's maps at the L sensing points (with gradient).
+        teacher_vecs: :func:`teacher_targets` for the same batch.
+        num_candidates: student singular vectors searched for each teacher vector (4).
+        teacher_graphs: precomputed ``G^T_m`` (default: computed here without gradient).
+    """
+    if len(heads) != len(student_feats) - 1 or len(teacher_vecs) != len(student_feats):
+        raise ModelError(f"mhgd: {len(student_feats)} student points, {len(teacher_vecs)} teacher vectors, "
+                         f"{len(heads)} modules (need L, L and L−1)")
+    vs = [student_vectors(f, v, num_candidates) for f, v in zip(student_feats, teacher_vecs)]
+    total = student_feats[0].new_zeros(())
+    for m, head in enumerate(heads):
+        if teacher_graphs is None:
+            with torch.no_grad():
+                gt = head.graphs(teacher_vecs[m], teacher_vecs[m + 1], smooth=True)
+        else:
+            gt = teacher_graphs[m]
+        total = total + transfer_loss(head.graphs(vs[m], vs[m + 1], smooth=True), gt)
+    return total
+
+
+def clipped_multitask_grads(ce: Tensor, transfer: Tensor, params: Sequence[Tensor], epoch: float,
+                            phase1_epochs: float) -> tuple[list[Tensor | None], dict[str, float]]:
+    """Per-parameter gradient ``∇CE + clip(∇transfer, ‖∇CE‖·sigmoid(epoch − phase1_epochs))``.
+
+    Weight decay is left to the optimiser. Returns the gradients (None where neither loss reaches a
+    parameter) and statistics: global norms ``ce_norm``, ``transfer_norm`` (raw), ``transfer_clipped_norm``,
+    and ``clip_ratio_max`` = max over parameters of ‖clipped‖ / (‖∇CE‖·ramp) (≤ 1 up to rounding; 0
+    where the bound is 0).
+    """
+    g_ce = torch.autograd.grad(ce, params, retain_graph=True, allow_unused=True)
+    if transfer.requires_grad:
+        g_tr = torch.autograd.grad(transfer, params, allow_unused=True)
+    else:
+        g_tr = tuple(None for _ in params)
+    clipped = clip_transfer_grads(list(g_tr), list(g_ce), epoch, phase1_epochs)
+    ramp = stable_sigmoid(float(epoch) - float(phase1_epochs))
+    grads: list[Tensor | None] = []
+    with torch.no_grad():
+        zero = ce.new_zeros((), dtype=torch.float32)
+        norm = lambda g: torch.linalg.vector_norm(g).float() if g is not None else zero  # noqa: E731
+        rows = []
+        for gc, gt, gk in zip(g_ce, g_tr, clipped):
+            rows.append(torch.stack([norm(gc), norm(gt), norm(gk)]))
+            if gc is None and gk is None:
+                grads.append(None)
+            elif gk is None:
+                grads.append(gc)
+            elif gc is None:
+                grads.append(gk)
+            else:
+                grads.append(gc + gk)
+        n = torch.stack(rows) if rows else zero.new_zeros((0, 3))  # [P, 3]: ‖∇CE‖, ‖∇transfer‖, ‖clipped‖
+        bound = n[:, 0] * ramp
+        ratio = torch.where(bound > 0, n[:, 2] / torch.where(bound > 0, bound, torch.ones_like(bound)),
+                            torch.zeros_like(bound))
+        # one device→host transfer per step
+        ce_n, tr_n, cl_n, r = torch.stack([n[:, 0].square().sum().sqrt(), n[:, 1].square().sum().sqrt(),
+                                           n[:, 2].square().sum().sqrt(),
+                                           ratio.max() if len(rows) else zero]).tolist()
+    stats = {"ce_norm": ce_n, "transfer_norm": tr_n, "transfer_clipped_norm": cl_n, "clip_ratio_max": r}
+    return grads, stats
+
+
+# --------------------------------------------------------------------------------------------
+# Plumbing
+
+
+def _xy(batch: Any, device: torch.device) -> tuple[Tensor, Tensor]:
+    if isinstance(batch, Mapping):
+        x, y = batch["image"], batch["label"]
+    else:
+        x, y = batch[0], batch[1]
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def _num_classes(ds: Any, spec: ModelSpec, role: str) -> int:
+    n = getattr(ds, "num_classes", None)
+    if n is None:
+        if spec.num_classes is None:
+            raise ConfigError(f"{role}.num_classes: the dataset does not tell its class count; set it")
+        return spec.num_classes
+    if spec.num_classes is not None and spec.num_classes != n:
+        raise ConfigError(f"{role}.num_classes: {spec.num_classes}, but the dataset has {n} classes")
+    return int(n)
+
+
+def _build(spec: ModelSpec, num_classes: int, role: str) -> nn.Module:
+    return build_model(spec.model_copy(update={"num_classes": num_classes}), name=role)
+
+
+def _image_shape(ds: Any) -> tuple[int, int, int]:
+    x = ds[0]["image"] if isinstance(ds[0], Mapping) else ds[0][0]
+    return tuple(int(d) for d in x.shape)  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _set_epoch(ds: Any, epoch: int) -> None:
+    if hasattr(ds, "set_epoch"):
+        ds.set_epoch(epoch)
+
+
+def _eval_view(ds: Any) -> Any:
+    return ds.with_augment(False) if getattr(ds, "augment", False) and hasattr(ds, "with_augment") else ds
+
+
+def _train_loader(ds: Any, cfg: MHGDConfig) -> torch.utils.data.DataLoader:
+    if len(ds) < cfg.batch_size:
+        raise ConfigError(f"batch_size: {cfg.batch_size} is larger than the training set ({len(ds)} samples)")
+    # full batches only: the graph relates the samples of a batch, and batch norm needs > 1 sample
+    return make_classification_loader(ds, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True)
+
+
+def _sgd(params: Any, lr: float, cfg: MHGDConfig, weight_decay: float) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                           weight_decay=weight_decay)
+
+
+def _scheduler(opt: torch.optim.Optimizer, cfg: MHGDConfig, epochs: int) -> torch.optim.lr_scheduler.MultiStepLR:
+    milestones = sorted({max(1, round(f * epochs)) for f in cfg.lr_milestones})
+    return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=cfg.lr_gamma)
+
+
+def _finite(value: Tensor, what: str, epoch: int) -> float:
+    v = float(value.detach())
+    if not math.isfinite(v):
+        raise TrainingError(f"{what} is {v} at epoch {epoch}: lower the lr or the loss weight")
+    return v
+
+
+def _mean(acc: Mapping[str, list[float]]) -> dict[str, float]:
+    return {k: sum(v) / len(v) for k, v in acc.items() if v}
+
+
+def _emit(history: list[dict[str, float]], on_epoch: EpochCallback | None, epoch: int,
+          metrics: dict[str, float]) -> None:
+    history.append({"epoch": float(epoch), **metrics})
+    if on_epoch is not None:
+        on_epoch(epoch, dict(metrics))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, ds: Any, batch_size: int = 256, device: torch.device | str | None = None,
+             logits_tap: str | None = None) -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy of ``model`` on ``ds`` (no augmentation), eval mode.
+
+    ``model`` returns logits (or, with ``logits_tap``, is tapped there). The model's train/eval flag is
+    restored afterwards. Returns ``{"acc": …, "ce": …}``.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was = model.training
+    model.eval()
+    tapped = TappedModel(model, [logits_tap], name="model") if logits_tap else model
+    correct, total, ce = 0, 0, 0.0
+    try:
+        for batch in make_classification_loader(_eval_view(ds), batch_size, shuffle=False):
+            x, y = _xy(batch, device)
+            out = tapped(x)
+            logits = out[logits_tap] if logits_tap else out
+            ce += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+            total += int(y.numel())
+    finally:
+        model.train(was)
+    return {"acc": correct / max(total, 1), "ce": ce / max(total, 1)}
+
+
+# --------------------------------------------------------------------------------------------
+# Phase 1: attention heads on the teacher's features
+
+
+def train_heads(cfg: MHGDConfig | Mapping[str, Any], teacher: FrozenTeacher, train_ds: Any,
+                on_epoch: EpochCallback | None = None, *,
+                history: list[dict[str, float]] | None = None) -> tuple[nn.ModuleList, list[dict[str, float]]]:
+    """MHGD phase 1: train one :class:`MultiHeadGraph` per module on the frozen teacher's vectors.
+
+    Loss ``Σ_m mean(1 − cos(V̄^B_m, V^B_m))``; SGD (Nesterov) at ``phase1_lr`` with
+    ``phase1_weight_decay``, constant lr, ``phase1_epochs`` epochs over ``train_ds`` (as augmented).
+    Reports ``loss/phase1/train`` (and per module ``loss/phase1/train/m<m>``) for epochs 0 … P−1.
+
+    Returns the heads, **frozen** (inference-mode batch norm with phase 1's running statistics, no
+    parameter gradients), and the history records.
+    """
+    cfg = _as_config(cfg)
+    device = next(teacher.parameters()).device
+    history = [] if history is None else history
+    loader = _train_loader(train_ds, cfg)
+    # the module widths come from the teacher's sensing points (one dummy batch)
+    c, h, w = _image_shape(train_ds)
+    probe = teacher_targets(teacher, torch.zeros(2, c, h, w, device=device))
+    chans = [int(v.shape[1]) for v in probe]
+    heads = nn.ModuleList(MultiHeadGraph(chans[m], chans[m + 1], cfg.num_heads, cfg.head_dropout)
+                          for m in range(len(chans) - 1)).to(device)
+    opt = _sgd(heads.parameters(), cfg.phase1_lr, cfg, cfg.phase1_weight_decay)
+    heads.train()
+    for epoch in range(cfg.phase1_epochs):
+        t0 = time.perf_counter()
+        _set_epoch(train_ds, epoch)
+        acc: dict[str, list[float]] = defaultdict(list)
+        for batch in loader:
+            x, _ = _xy(batch, device)
+            vt = teacher_targets(teacher, x)
+            losses = [head.phase1_loss(vt[m], vt[m + 1]) for m, head in enumerate(heads)]
+            loss = torch.stack(losses).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            acc["loss/phase1/train"].append(_finite(loss, "mhgd phase-1 loss", epoch))
+            for m, lm in enumerate(losses):
+                acc[f"loss/phase1/train/m{m}"].append(float(lm.detach()))
+        metrics = _mean(acc)
+        metrics["lr"] = cfg.phase1_lr
+        metrics["time/epoch_s"] = time.perf_counter() - t0
+        _emit(history, on_epoch, epoch, metrics)
+    for head in heads:
+        head.freeze()
+    return heads, history
+
+
+# --------------------------------------------------------------------------------------------
+# FSP / AB initialisation stage
+
+
+def _init_stage(cfg: MHGDConfig, method: str, student: TappedModel, points: list[str], ab_points: list[str],
+                teacher: FrozenTeacher, train_ds: Any, device: torch.device, on_epoch: EpochCallback | None,
+                history: list[dict[str, float]]) -> None:
+    """Train the student (and AB's connectors) on the distillation loss alone for ``init_stage_epochs``."""
+    epochs = cfg.init_stage_epochs
+    if epochs == 0:
+        return
+    loader = _train_loader(train_ds, cfg)
+    extra: list[nn.Parameter] = []
+    connectors: ABConnectors | None = None
+    if method == "ab":
+        c, h, w = _image_shape(train_ds)
+        with torch.no_grad():
+            was = student.training
+            student.eval()
+            s_out = student(torch.zeros(2, c, h, w, device=device))
+            student.train(was)
+            t_feats, _ = teacher(torch.zeros(2, c, h, w, device=device))
+        connectors = ABConnectors([int(s_out[p].shape[1]) for p in ab_points],
+                                  [int(f.shape[1]) for f in t_feats]).to(device)
+        extra = list(connectors.parameters())
+    opt = _sgd(list(student.parameters()) + extra, cfg.lr, cfg, cfg.weight_decay)
+    student.train()
+    if connectors is not None:
+        connectors.train()
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        _set_epoch(train_ds, epoch)
+        acc: dict[str, list[float]] = defaultdict(list)
+        for batch in loader:
+            x, _ = _xy(batch, device)
+            tt = teacher_outputs(teacher, x, method)
+            out = student(x)
+            if method == "fsp":
+                loss = fsp_distill_loss([out[p] for p in points], tt.fsp, cfg.fsp_weight)
+            else:
+                assert connectors is not None
+                loss = ab_distill_loss(connectors([out[p] for p in ab_points]), tt.on, cfg.ab_weight, cfg.ab_margin)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            acc["loss/init/train"].append(_finite(loss, f"{method} initialisation loss", epoch))
+        metrics = _mean(acc)
+        metrics["lr"] = cfg.lr
+        metrics["time/epoch_s"] = time.perf_counter() - t0
+        _emit(history, on_epoch, epoch, metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# The student loop (shared by every method and by teacher training)
+
+
+def _fit(cfg: MHGDConfig, method: str, tapped: TappedModel, points: list[str], train_ds: Any, val_ds: Any,
+         device: torch.device, epochs: int, epoch_offset: int, teacher: FrozenTeacher | None,
+         heads: nn.ModuleList | None, on_epoch: EpochCallback | None,
+         history: list[dict[str, float]]) -> dict[str, Any]:
+    loader = _train_loader(train_ds, cfg)
+    params = [p for p in tapped.parameters() if p.requires_grad]
+    opt = _sgd(params, cfg.lr, cfg, cfg.weight_decay)
+    sched = _scheduler(opt, cfg, epochs)
+    best, last = 0.0, 0.0
+    for e in range(epochs):
+        epoch = epoch_offset + e
+        t0 = time.perf_counter()
+        _set_epoch(train_ds, e)
+        tapped.train()
+        acc: dict[str, list[float]] = defaultdict(list)
+        correct = seen = 0
+        for batch in loader:
+            x, y = _xy(batch, device)
+            tt = teacher_outputs(teacher, x, method) if (teacher is not None and method != "student") else None
+            out = tapped(x)
+            logits = out[cfg.logits_tap]
+            ce = F.cross_entropy(logits, y)
+            _finite(ce, f"{method} cross-entropy", epoch)
+            opt.zero_grad(set_to_none=True)
+            if method in _CLIPPED:
+                assert tt is not None
+                feats = [out[p] for p in points]
+                if method == "mhgd":
+                    assert heads is not None
+                    transfer = mhgd_transfer_loss(list(heads), feats, tt.vectors, cfg.svd_candidates)
+                    clip_epoch, clip_p1 = float(epoch), float(epoch_offset)   # sigmoid(e), e = student epoch
+                else:
+                    transfer = kdsvd_distill_loss(feats, tt.vectors, tt.sigmas, cfg.svd_candidates)
+                    clip_epoch, clip_p1 = float(e), 0.0                      # the authors' KD-SVD ramp
+                acc["loss/train/transfer"].append(_finite(transfer, f"{method} transfer loss", epoch))
+                grads, stats = clipped_multitask_grads(ce, transfer, params, clip_epoch, clip_p1)
+                for p, g in zip(params, grads):
+                    p.grad = g
+                for k, v in stats.items():
+                    acc[f"grad/{k}"].append(v)
+                acc["loss/train/total"].append(float(ce.detach() + transfer.detach()))
+            elif method == "soft_logits":
+                assert tt is not None and tt.logits is not None
+                kd = soft_logits_loss(logits, tt.logits, cfg.temperature)
+                loss = ce + cfg.soft_weight * kd
+                acc["loss/train/transfer"].append(_finite(kd, "soft-logits loss", epoch))
+                acc["loss/train/total"].append(float(loss.detach()))
+                loss.backward()
+            else:  # student, fsp/ab after their initialisation, teacher training
+                ce.backward()
+            opt.step()
+            acc["loss/train/ce"].append(float(ce.detach()))
+            correct += int((logits.detach().argmax(1) == y).sum())
+            seen += int(y.numel())
+        metrics = _mean(acc)
+        if "grad/clip_ratio_max" in acc:
+            metrics["grad/clip_ratio_max"] = max(acc["grad/clip_ratio_max"])
+        metrics["acc/train"] = correct / max(seen, 1)
+        metrics["lr"] = float(opt.param_groups[0]["lr"])
+        sched.step()
+        ev = evaluate(tapped.model, val_ds, cfg.eval_batch_size, device)
+        metrics["acc/val"], metrics["loss/val/ce"] = ev["acc"], ev["ce"]
+        metrics["time/epoch_s"] = time.perf_counter() - t0
+        last = ev["acc"]
+        best = max(best, last)
+        _emit(history, on_epoch, epoch, metrics)
+    return {"best_acc": best, "last_acc": last}
+
+
+def _ab_points(cfg: MHGDConfig, student: nn.Module) -> list[str]:
+    if cfg.ab_student_points is not None:
+        return list(cfg.ab_student_points)
+    names = dict(student.named_modules())
+    return [f"{p}.body" if f"{p}.body" in names else p for p in cfg.points_student]
+
+
+def _check_channels(cfg: MHGDConfig, teacher: FrozenTeacher, student: TappedModel, points: list[str],
+                    shape: tuple[int, int, int], device: torch.device) -> None:
+    """Equal channels (and, for FSP/AB, resolutions) at the sensing points; one dummy batch each."""
+    x = torch.zeros(2, *shape, device=device)
+    with torch.no_grad():
+        t_feats, _ = teacher(x)
+        was = student.training
+        student.eval()
+        s_out = student(x)
+        student.train(was)
+    for pt, ps, ft in zip(cfg.sensing_points, points, t_feats):
+        fs = s_out[ps]
+        if fs.shape[1] != ft.shape[1]:
+            raise ModelError(f"{cfg.method}: teacher and student need equal channels at each sensing point: "
+                             f"teacher '{pt}' has {ft.shape[1]}, student '{ps}' has {fs.shape[1]}")
+        if cfg.method == "fsp" and fs.shape[2:] != ft.shape[2:]:
+            raise ModelError(f"fsp: teacher '{pt}' is {tuple(ft.shape[2:])}, student '{ps}' {tuple(fs.shape[2:])}: "
+                             f"sensing points must have equal resolution")
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def train_teacher_classifier(cfg: MHGDConfig | Mapping[str, Any], train_ds: Any, val_ds: Any,
+                             on_epoch: EpochCallback | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Train ``cfg.teacher`` from scratch with cross-entropy for ``cfg.teacher_epochs``.
+
+    Same optimiser and schedule as the student (``lr``, ``momentum``, ``nesterov``, ``weight_decay``,
+    ``lr_milestones``, ``lr_gamma``, ``batch_size``); seeded by ``cfg.seed`` (global RNG untouched).
+
+    Returns:
+        ``(model, metrics)``: the trained model (last epoch, eval mode, on the run's device) and
+        ``{"best_acc", "last_acc", "history"}`` (history: one dict per epoch, ``epoch`` + metrics).
+    """
+    cfg = _as_config(cfg)
+    limit_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    history: list[dict[str, float]] = []
+    with _seeded(cfg.seed, device):
+        model = _build(cfg.teacher, _num_classes(train_ds, cfg.teacher, "teacher"), "teacher").to(device)
+        tapped = TappedModel(model, [cfg.logits_tap], name="teacher")
+        res = _fit(cfg, "student", tapped, [], train_ds, val_ds, device, cfg.teacher_epochs, 0, None, None,
+                   on_epoch, history)
+    model.eval()
+    return model, {**res, "history": history}
+
+
+def run_method(cfg: MHGDConfig | Mapping[str, Any], teacher_model: nn.Module | None, train_ds: Any, val_ds: Any,
+               on_epoch: EpochCallback | None = None, *, return_model: bool = False) -> dict[str, Any]:
+    """Train a student from ``cfg.student`` with ``cfg.method``, distilling from ``teacher_model``.
+
+    Args:
+        cfg: the run (a :class:`MHGDConfig` or its dict).
+        teacher_model: a trained classifier tapped at ``cfg.sensing_points`` / ``cfg.logits_tap``;
+            frozen in place (eval mode, no parameter gradients) and moved to the run's device.
+            Unused (may be None) for ``method="student"``.
+        train_ds, val_ds: datasets whose items/batches are ``{"image", "label"}`` (e.g.
+            :class:`~mike_ray.data.classification.ClassificationDataset`; ``train_ds`` augmented).
+        on_epoch: called after every epoch (phase 1 / initialisation epochs included).
+        return_model: also return the trained student under ``"student"`` (eval mode).
+
+    Returns:
+        ``{"method", "best_acc", "last_acc", "history"}``: best and last validation accuracy over the
+        student's epochs, and every epoch's metrics (``epoch`` + the callback's dict).
+
+    Raises:
+        ConfigError / ModelError before training when the config does not fit the models or data
+        (unequal channels at sensing points, unknown taps, batch larger than the data); TrainingError
+        on a non-finite loss.
+
+    The same seed gives the same student initialisation, data order and augmentation whatever the
+    method, so methods differ only in what they add.
+    """
+    cfg = _as_config(cfg)
+    limit_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    method = cfg.method
+    history: list[dict[str, float]] = []
+    points = cfg.points_student
+    with _seeded(cfg.seed, device):
+        num_classes = _num_classes(train_ds, cfg.student, "student")
+        student = _build(cfg.student, num_classes, "student").to(device)
+        ab_points = _ab_points(cfg, student) if method == "ab" else []
+        student_taps = list(dict.fromkeys((points if method != "student" else []) + ab_points + [cfg.logits_tap]))
+        tapped = TappedModel(student, student_taps, name="student")
+        teacher: FrozenTeacher | None = None
+        if method != "student":
+            if teacher_model is None:
+                raise ConfigError(f"method: '{method}' needs a teacher model")
+            teacher = FrozenTeacher(teacher_model.to(device), cfg.sensing_points if method != "soft_logits" else [],
+                                    cfg.logits_tap, with_logits=method == "soft_logits")
+        shape = _image_shape(train_ds)
+        if method in _NEEDS_PAIRS:
+            assert teacher is not None
+            _check_channels(cfg, teacher, tapped, points, shape, device)
+        if method == "soft_logits":
+            assert teacher is not None
+            with torch.no_grad():
+                _, tl = teacher(torch.zeros(2, *shape, device=device))
+            if tl is None or tl.shape[1] != num_classes:
+                raise ModelError(f"soft_logits: teacher logits have {None if tl is None else tl.shape[1]} classes, "
+                                 f"student {num_classes}")
+
+        offset = 0
+        heads: nn.ModuleList | None = None
+        if method == "mhgd":
+            assert teacher is not None
+            heads, _ = train_heads(cfg, teacher, train_ds, on_epoch, history=history)
+            offset = cfg.phase1_epochs
+        elif method in ("fsp", "ab"):
+            assert teacher is not None
+            _init_stage(cfg, method, tapped, points, ab_points, teacher, train_ds, device, on_epoch, history)
+            offset = cfg.init_stage_epochs
+        # after FSP/AB initialisation the student continues with cross-entropy only
+        fit_method = "student" if method in ("fsp", "ab") else method
+        res = _fit(cfg, fit_method, tapped, points, train_ds, val_ds, device, cfg.epochs, offset,
+                   teacher if fit_method != "student" else None, heads, on_epoch, history)
+    out: dict[str, Any] = {"method": method, **res, "history": history}
+    if return_model:
+        out["student"] = student.eval()
+    return out

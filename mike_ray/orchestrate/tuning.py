@@ -1,0 +1,285 @@
+"""Trials: Ray Tune + Optuna over transfer runs, one MLflow child run per trial.
+
+Ray Train V2 pattern: each Tune trial is a *function* that creates the teacher shards, builds and
+fits a TorchTrainer (:func:`mike_ray.orchestrate.transfer.run_transfer`), then runs the downstream
+evaluation and reports the objective. The trial reserves its shards' resources in its placement
+group, so an autoscaler sees the teachers' demand; trainer workers reserve their own.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from mike_ray.config import Range, SweepConfig
+from mike_ray.tracking import RunLogger, Tracking
+from mike_ray.utils import write_json_atomic
+
+
+
+def _nanmean(values: list[float]) -> float:
+    vals = [v for v in values if not math.isnan(v)]
+    return statistics.fmean(vals) if vals else math.nan
+
+
+# --- the search space (define-by-run: num_phases only exists for layerwise_progressive) ----------
+def _suggest(trial, name: str, dim: Any) -> Any:
+    if isinstance(dim, Range):
+        if dim.int:
+            return trial.suggest_int(name, int(dim.low), int(dim.high), log=dim.log, step=int(dim.step or 1))
+        return trial.suggest_float(name, dim.low, dim.high, log=dim.log, step=dim.step)
+    return trial.suggest_categorical(name, list(dim))
+
+
+class DefineByRun:
+    """An Optuna define-by-run space over the sweep's search dimensions (picklable: Tune saves the
+    searcher with the experiment state, which is what ``--resume`` restores)."""
+
+    def __init__(self, cfg: SweepConfig) -> None:
+        self.search = cfg.search
+        self.default_schedule = cfg.transfer.schedule.name
+
+    def __call__(self, trial) -> dict[str, Any] | None:
+        out: dict[str, Any] = {}
+        for name in ("teacher_subset", "embed_channels", "schedule", "pretrain_fraction", "lr"):
+            dim = getattr(self.search, name)
+            if dim is not None:
+                out[name] = _suggest(trial, name, dim)
+        # num_phases only exists for the layerwise-progressive schedule
+        if self.search.num_phases is not None and out.get("schedule", self.default_schedule) == "layerwise_progressive":
+            out["num_phases"] = _suggest(trial, "num_phases", self.search.num_phases)
+        return out or None
+
+
+def trial_settings(cfg: SweepConfig, params: dict[str, Any]) -> tuple[dict[str, Any], str, list[str]]:
+    """A trial's params → (its TransferConfig dict, teacher subset name, teacher names)."""
+    t = cfg.transfer.model_dump()
+    t["method"] = params.get("method", cfg.method)
+    t["seed"] = cfg.transfer.seed + int(params.get("__trial_index__", 0) or 0)
+    if "embed_channels" in params:
+        t["model"]["embed_channels"] = int(params["embed_channels"])
+    if "lr" in params:
+        t["lr"] = float(params["lr"])
+    for key in ("schedule", "pretrain_fraction", "num_phases"):
+        if key in params:
+            t["schedule"]["name" if key == "schedule" else key] = params[key]
+    subset = params.get("teacher_subset") or next(iter(cfg.teacher_subsets))
+    return t, subset, cfg.subset(subset)
+
+
+def _shard_count(cfg: SweepConfig, n_teachers: int) -> int:
+    per = cfg.resources.placement.teachers_per_shard
+    return 1 if per == "all" else math.ceil(n_teachers / int(per))
+
+
+def trial_resources(cfg: SweepConfig, method: str, n_teachers: int):
+    """Placement group of one trial: the driver's bundle + one bundle per teacher shard."""
+    from ray.tune import PlacementGroupFactory
+
+    bundles = [{"CPU": max(cfg.resources.trial_cpus, 0.01)}]
+    p = cfg.resources.placement
+    if method == "mike" and p.mode == "ray":
+        shard = {"CPU": p.cpus_per_shard, **({"GPU": p.gpus_per_shard} if p.gpus_per_shard else {})}
+        bundles += [dict(shard) for _ in range(_shard_count(cfg, n_teachers))]
+    return PlacementGroupFactory(bundles, strategy="PACK")
+
+
+# --- one trial --------------------------------------------------------------------------------------
+def trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """One Tune trial: shards → TorchTrainer.fit → downstream evaluation → report the objective."""
+    import ray
+    import ray.tune
+    import torch
+
+    from mike_ray.mike.downstream import DownstreamConfig, evaluate_downstream, mean_norm_iou
+    from mike_ray.mike.train import TransferConfig
+    from mike_ray.orchestrate.transfer import run_transfer, teacher_refs
+    from mike_ray.teachers.shard import ShardGroup
+    from mike_ray.teachers.zoo import read_zoo
+
+    cfg = SweepConfig.model_validate(ctx["sweep"])
+    tracking = Tracking(**ctx["tracking"])
+    params = {k: v for k, v in config.items()}
+    tdict, subset, teachers = trial_settings(cfg, params)
+    tcfg = TransferConfig.model_validate(tdict)
+    trial_id = ray.tune.get_context().get_trial_id()
+    sweep_dir = Path(ctx["sweep_dir"])
+    zoo = read_zoo(Path(ctx["zoo_dir"]))
+    query = [zoo[t].task for t in teachers]  # the query data: the teachers' own tasks (paper §4.1)
+
+    run = _trial_run(tracking, ctx["parent_id"], trial_id, cfg.name, {
+        "mike_ray.teacher_subset": subset, "mike_ray.method": tcfg.method,
+        "mike_ray.seed": str(tcfg.seed)})
+    run.params({"trial": {k: v for k, v in params.items() if not k.startswith("__")},
+                "transfer": tcfg.model_dump(mode="json"), "teachers": ",".join(teachers),
+                "teacher_subset": subset, "downstream": cfg.downstream.model_dump(mode="json")})
+    status = "FAILED"
+    try:
+        # --- transfer: shards in this trial's placement group, workers in Train's own -----------
+        shards = None
+        if tcfg.method == "mike":
+            refs = teacher_refs(Path(ctx["zoo_dir"]), teachers)
+            pg = ray.util.get_current_placement_group()
+            shards = ShardGroup(refs, cfg.resources.placement, placement_group=pg, first_bundle=1)
+        try:
+            res = run_transfer(tcfg, [], ctx["data_root"], query, cfg.resources.placement,
+                               cfg.resources.workers, sweep_dir / "runs", trial_id, shards=shards,
+                               datasets=ctx["datasets"][subset])
+        finally:
+            if shards is not None:
+                shards.shutdown()
+        for h in res.history:
+            run.metrics({k: v for k, v in h.items() if k not in ("epoch",)}, step=int(h["epoch"]))
+        run.tags({"mike_ray.checkpoint": res.checkpoint_path})
+
+        # --- downstream: freeze the encoder, retrain the decoder per task --------------------------
+        dcfg = DownstreamConfig.model_validate({**cfg.downstream.model_dump(), "seed": tcfg.seed})
+        teacher_iou = {name: rec.val_miou for name, rec in zoo.items()}
+        down = evaluate_downstream(tcfg.model, res.state, ctx["data_root"], dcfg, teacher_iou)
+        score = mean_norm_iou(down)
+        final = {"score/mean_norm_iou": score,
+                 "score/mean_iou": _nanmean([d["iou"] for d in down.values()]),
+                 **{f"norm_iou/{t}": d["norm_iou"] for t, d in down.items()},
+                 **{f"iou/{t}": d["iou"] for t, d in down.items()},
+                 "shard/retries_total": res.retries}
+        run.metrics({k: v for k, v in final.items() if not (isinstance(v, float) and math.isnan(v))})
+
+        record = {"trial_id": trial_id, "method": tcfg.method, "subset": subset, "teachers": teachers,
+                  "params": {k: v for k, v in params.items() if not k.startswith("__")}, "seed": tcfg.seed,
+                  "score": score, "downstream": down, "mlflow_run_id": run.run_id,
+                  "checkpoint": res.checkpoint_path}
+        write_json_atomic(sweep_dir / "trials" / f"{trial_id}.json", record)
+        _trial_artifacts(run, sweep_dir, record, res, tcfg, ctx["data_root"], query)
+        status = "FINISHED"
+        ray.tune.report(final)
+    finally:
+        run.client.set_terminated(run.run_id, status=status)
+
+
+def _trial_run(tracking: Tracking, parent_id: str, trial_id: str, sweep: str, tags: dict[str, str]) -> RunLogger:
+    """The trial's MLflow child run; a resumed trial re-opens its run instead of adding one."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking.uri)
+    exp = tracking.experiment_id()
+    found = client.search_runs([exp], filter_string=f"tags.`mike_ray.trial_id` = '{trial_id}' and "
+                                                    f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=1)
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return RunLogger(client, found[0].info.run_id)
+    run = client.create_run(exp, run_name=f"trial-{trial_id}", tags={
+        "mlflow.parentRunId": parent_id, "mike_ray.trial_id": trial_id, "mike_ray.sweep": sweep,
+        "mike_ray.stage": "trial", **tags})
+    return RunLogger(client, run.info.run_id)
+
+
+def _trial_artifacts(run: RunLogger, sweep_dir: Path, record: dict, res, tcfg, data_root, query) -> None:
+    """Radar chart (vs the subset's pixel baseline when known), layerwise loss, reconstruction grid."""
+    import tempfile
+
+    import torch
+
+    from mike_ray.data.loaders import ShardDataset
+    from mike_ray.models import build_model
+    from mike_ray.report.plots import layerwise_loss, radar_chart, recon_grid
+
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        series = {f"{record['method']} ({record['subset']})": {t: v["norm_iou"] for t, v in record["downstream"].items()}}
+        base = _baseline_record(sweep_dir, record["subset"], record["seed"])
+        if base is not None and record["method"] != "pixel":
+            series[f"pixel baseline ({record['subset']})"] = {t: v["norm_iou"] for t, v in base["downstream"].items()}
+        run.artifact(radar_chart(series, d / "radar.png", "normalised IoU per downstream task"), "plots")
+        if record["method"] == "mike":
+            run.artifact(layerwise_loss(res.history, "loss/val/teacher", d / "layerwise_loss.png",
+                                        "layerwise val loss (unweighted)"), "plots")
+        model = build_model(tcfg.model)
+        model.load_state_dict(res.state)
+        model.eval()
+        val = ShardDataset(data_root, "val", query, limit=8)
+        x = val.__getitems__(list(range(len(val))))["image"]
+        with torch.no_grad():
+            xbar = model(x)
+        run.artifact(recon_grid(x.numpy(), xbar.numpy(), d / "reconstructions.png"), "plots")
+        run.dict_artifact(record, "trial.json")
+
+
+def _baseline_record(sweep_dir: Path, subset: str, seed: int) -> dict | None:
+    for p in sorted((sweep_dir / "trials").glob("*.json")):
+        rec = json.loads(p.read_text())
+        if rec["method"] == "pixel" and rec["subset"] == subset and rec["seed"] == seed:
+            return rec
+    return None
+
+
+# --- the Tuners ---------------------------------------------------------------------------------------
+def _tuner(cfg: SweepConfig, trainable, name: str, storage: Path, tune_config, param_space, resume: bool):
+    import ray.tune
+
+    path = storage / name
+    if resume and ray.tune.Tuner.can_restore(str(path)):
+        # finished trials are kept; interrupted and errored ones run again (re-opening their MLflow run)
+        return ray.tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+    return ray.tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
+                          run_config=ray.tune.RunConfig(name=name, storage_path=str(storage),
+                                                        failure_config=ray.tune.FailureConfig(max_failures=0),
+                                                        verbose=1))
+
+
+def run_trials(cfg: SweepConfig, data_root: Path, zoo_dir: Path, tracking: Tracking, parent_id: str,
+               resume: bool = False) -> list[dict[str, Any]]:
+    """Pixel baselines (one per teacher subset and seed), then the Optuna study; returns trial records."""
+    import ray.tune
+    from ray.tune.search import ConcurrencyLimiter, Repeater
+    from ray.tune.search.optuna import OptunaSearch
+
+    sweep_dir = cfg.output_dir() / "sweeps" / cfg.name
+    storage = sweep_dir / "tune"
+    from mike_ray.orchestrate.transfer import query_datasets
+    from mike_ray.teachers.zoo import read_zoo
+
+    # query data per teacher subset, built here, outside any trial's placement group
+    zoo = read_zoo(zoo_dir)
+    datasets = {s: query_datasets(data_root, [zoo[t].task for t in cfg.subset(s)]) for s in cfg.teacher_subsets}
+    ctx = {"sweep": cfg.model_dump(mode="json"), "tracking": tracking.__dict__, "parent_id": parent_id,
+           "data_root": str(data_root), "zoo_dir": str(zoo_dir), "sweep_dir": str(sweep_dir),
+           "datasets": datasets}
+    study = cfg.study
+    n_max = max(len(cfg.subset(s)) for s in cfg.teacher_subsets)
+
+    if study.baselines and cfg.method == "mike":
+        subsets = list(cfg.search.teacher_subset or [next(iter(cfg.teacher_subsets))])
+        trainable = ray.tune.with_resources(ray.tune.with_parameters(trial_fn, ctx=ctx),
+                                            trial_resources(cfg, "pixel", 0))
+        space = {"method": "pixel", "teacher_subset": ray.tune.grid_search(subsets),
+                 "__trial_index__": ray.tune.grid_search(list(range(study.repeats)))}
+        tuner = _tuner(cfg, trainable, "baselines", storage,
+                       ray.tune.TuneConfig(max_concurrent_trials=study.concurrency), space, resume)
+        _check(tuner.fit(), "baselines")
+
+    searcher = OptunaSearch(space=DefineByRun(cfg), metric=study.objective, mode=study.direction,
+                            seed=study.seed)
+    if study.repeats > 1:
+        searcher = Repeater(searcher, repeat=study.repeats, set_index=True)
+    searcher = ConcurrencyLimiter(searcher, max_concurrent=study.concurrency)
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(trial_fn, ctx=ctx),
+                                        trial_resources(cfg, cfg.method, n_max))
+    tuner = _tuner(cfg, trainable, "search", storage,
+                   ray.tune.TuneConfig(search_alg=searcher, num_samples=study.trials * study.repeats),
+                   {}, resume)
+    _check(tuner.fit(), "search")
+    return load_records(sweep_dir)
+
+
+def _check(grid, what: str) -> None:
+    """Errored trials do not stop the sweep; they are listed with their reason."""
+    for r in grid:
+        if r.error is not None:
+            print(f"warning: a {what} trial failed: {str(r.error).splitlines()[0][:300]}")
+
+
+def load_records(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Every finished trial's record (written atomically at the end of the trial)."""
+    return [json.loads(p.read_text()) for p in sorted((Path(sweep_dir) / "trials").glob("*.json"))]
