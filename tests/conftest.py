@@ -26,3 +26,33 @@ def ray_local(tmp_path_factory):
     yield ray
     # shut down only what this session started (never `ray stop`)
     ray.shutdown()
+
+
+TINY_TASKS = ["DCH", "CTB", "PHB"]
+TINY_SEGMENTER = {"arch": "segmenter", "width": 4, "depth": 7, "expand_ratio": 2.0, "stem_stride": 2,
+                  "num_downsamples": 2}
+TINY_AE = {"arch": "autoencoder", "width": 4, "depth": 3, "expand_ratio": 2.0, "stem_stride": 2,
+           "num_downsamples": 2, "embed_channels": 2}
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tmp_path_factory) -> Path:
+    """A real generated COCO-format dataset (60 images), prepared into Parquet shards for 3 tasks."""
+    from mike_ray.data.coco import PrepareConfig
+    from mike_ray.data.shards import prepare_dataset
+    from mike_ray.data.synth import generate_coco
+
+    coco = tmp_path_factory.mktemp("coco")
+    generate_coco(coco, n_images=60, seed=0)
+    cfg = PrepareConfig(tasks=TINY_TASKS, augment_copies=1)
+    return prepare_dataset(cfg, coco, tmp_path_factory.mktemp("prepared"))
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tiny_prepared, ray_local, tmp_path_factory) -> Path:
+    """Three tiny teachers trained for one epoch as real Ray tasks (stored like any zoo)."""
+    from mike_ray.teachers.zoo import ZooConfig, build_zoo
+
+    cfg = ZooConfig(tasks=TINY_TASKS, model=TINY_SEGMENTER, cpus_per_teacher=0.5,
+                    train={"epochs": 1, "max_train_samples": 64, "batch_size": 32})
+    return build_zoo(cfg, tiny_prepared, tmp_path_factory.mktemp("out"), progress=False)

@@ -63,15 +63,9 @@ def test_bad_split_or_task(prepared: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    if ray.is_initialized():  # a session-wide Ray (tests/conftest.py) is re-used, not shut down
-        yield ray
-        return
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+def ray_session(ray_local):
+    """The one Ray instance of the test session (tests/conftest.py)."""
+    return ray_local
 
 
 def test_ray_dataset_gives_the_same_samples(prepared: Path, ray_session) -> None:

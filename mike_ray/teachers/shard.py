@@ -75,12 +75,13 @@ class TeacherShard:
     Args:
         teachers: the teachers this shard serves.
         device: "auto" | "cpu" | "cuda[:i]".
-        threads: torch intra-op threads (Ray's OMP default follows the actor's CPU count).
+        threads: torch intra-op threads for this process (Ray's OMP default follows the actor's CPU
+            count); None leaves the process setting alone (in-process shards).
         bf16: run teacher forwards under bf16 autocast (CUDA only; ignored on CPU).
         dtype: parameter dtype of the teachers (float64 for exactness tests).
     """
 
-    def __init__(self, teachers: Sequence[TeacherRef], device: str = "auto", threads: int = 1,
+    def __init__(self, teachers: Sequence[TeacherRef], device: str = "auto", threads: int | None = 1,
                  bf16: bool = False, dtype: torch.dtype = torch.float32) -> None:
         from mike_ray.models.taps import TappedModel
         from mike_ray.teachers.zoo import load_teacher
@@ -135,14 +136,15 @@ class TeacherShard:
                 with torch.set_grad_enabled(need_grad):
                     feats_xb = tapped(xb)
                     loss, tap_terms = teacher_loss(feats_x, feats_xb, w, mask)
-            if not math.isfinite(float(loss)):
-                raise TrainingError(f"teacher '{name}': non-finite loss {float(loss)}")
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise TrainingError(f"teacher '{name}': non-finite loss {value}")
             if need_grad and loss.requires_grad:
                 # frees this teacher's graph before the next teacher runs
                 (g,) = torch.autograd.grad(loss, xb)
                 grad += g
-            total += float(loss)
-            terms[name] = float(loss)
+            total += value
+            terms[name] = value
             counts[name] = int(mask.sum())
             for tap, value in tap_terms.items():
                 terms[f"{name}/{tap}"] = float(value.unweighted)
@@ -197,8 +199,8 @@ class ShardGroup:
         self.groups = partition(teachers, placement.teachers_per_shard)
         self.retries = 0
         if placement.mode == "local":
-            self.shards = [TeacherShard(g, placement.device, placement.threads, placement.bf16, dtype)
-                           for g in self.groups]
+            # in-process: the caller's thread setting stays as it is
+            self.shards = [TeacherShard(g, placement.device, None, placement.bf16, dtype) for g in self.groups]
             self._taps = {k: v for s in self.shards for k, v in s.taps().items()}
         else:
             import ray
