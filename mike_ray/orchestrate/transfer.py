@@ -54,8 +54,11 @@ def teacher_refs(zoo_dir: Path, names: Sequence[str]) -> list[TeacherRef]:
 
 def query_datasets(data_root: str | Path, query_tasks: Sequence[str]) -> dict[str, Any]:
     """``{"train", "val"}`` Ray Datasets of the query tasks' crops (uint8, read in this process)."""
+    import ray.data
+
     from mike_ray.data.loaders import query_dataset
 
+    ray.data.DataContext.get_current().enable_progress_bars = False  # per-block bars flood job logs
     return {split: query_dataset(data_root, split, query_tasks) for split in ("train", "val")}
 
 
@@ -83,9 +86,6 @@ def run_transfer(cfg: TransferConfig, teachers: Sequence[TeacherRef], data_root:
 
     # The query data is read here and handed to Ray Data as blocks (no read task to schedule:
     # with shards holding CPUs, a small machine could never run Ray Data's 1-CPU file listing).
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False  # per-block bars flood job logs
     if datasets is None:
         datasets = query_datasets(data_root, query_tasks)
     own_shards = shards is None and cfg.method == "mike"

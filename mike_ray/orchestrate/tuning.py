@@ -106,6 +106,11 @@ def trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     tcfg = TransferConfig.model_validate(tdict)
     trial_id = ray.tune.get_context().get_trial_id()
     sweep_dir = Path(ctx["sweep_dir"])
+    done = sweep_dir / "trials" / f"{trial_id}.json"
+    if done.is_file():
+        # finished before the driver died (Tune had not yet saved that): report, do not re-run
+        ray.tune.report(_final_metrics(json.loads(done.read_text())))
+        return
     zoo = read_zoo(Path(ctx["zoo_dir"]))
     query = [zoo[t].task for t in teachers]  # the query data: the teachers' own tasks (paper §4.1)
 
@@ -138,24 +143,30 @@ def trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         dcfg = DownstreamConfig.model_validate({**cfg.downstream.model_dump(), "seed": tcfg.seed})
         teacher_iou = {name: rec.val_miou for name, rec in zoo.items()}
         down = evaluate_downstream(tcfg.model, res.state, ctx["data_root"], dcfg, teacher_iou)
-        score = mean_norm_iou(down)
-        final = {"score/mean_norm_iou": score,
-                 "score/mean_iou": _nanmean([d["iou"] for d in down.values()]),
-                 **{f"norm_iou/{t}": d["norm_iou"] for t, d in down.items()},
-                 **{f"iou/{t}": d["iou"] for t, d in down.items()},
-                 "shard/retries_total": res.retries}
-        run.metrics({k: v for k, v in final.items() if not (isinstance(v, float) and math.isnan(v))})
-
         record = {"trial_id": trial_id, "method": tcfg.method, "subset": subset, "teachers": teachers,
                   "params": {k: v for k, v in params.items() if not k.startswith("__")}, "seed": tcfg.seed,
-                  "score": score, "downstream": down, "mlflow_run_id": run.run_id,
-                  "checkpoint": res.checkpoint_path}
-        write_json_atomic(sweep_dir / "trials" / f"{trial_id}.json", record)
+                  "score": mean_norm_iou(down), "downstream": down, "mlflow_run_id": run.run_id,
+                  "checkpoint": res.checkpoint_path, "retries": res.retries}
+        final = _final_metrics(record)
+        run.metrics({k: v for k, v in final.items() if not (isinstance(v, float) and math.isnan(v))})
         _trial_artifacts(run, sweep_dir, record, res, tcfg, ctx["data_root"], query)
+        run.client.set_terminated(run.run_id, status="FINISHED")
         status = "FINISHED"
+        write_json_atomic(done, record)  # last: its presence means the trial is complete
         ray.tune.report(final)
     finally:
-        run.client.set_terminated(run.run_id, status=status)
+        if status != "FINISHED":
+            run.client.set_terminated(run.run_id, status=status)
+
+
+def _final_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """What a finished trial reports to Tune (and logs to MLflow): the objective and per-task IoU."""
+    down = record["downstream"]
+    return {"score/mean_norm_iou": record["score"],
+            "score/mean_iou": _nanmean([d["iou"] for d in down.values()]),
+            **{f"norm_iou/{t}": d["norm_iou"] for t, d in down.items()},
+            **{f"iou/{t}": d["iou"] for t, d in down.items()},
+            "shard/retries_total": record.get("retries", 0)}
 
 
 def _trial_run(tracking: Tracking, parent_id: str, trial_id: str, sweep: str, tags: dict[str, str]) -> RunLogger:

@@ -1,0 +1,160 @@
+"""The main job end to end on a real local Ray, real MLflow store, real generated COCO data.
+
+One smoke sweep (tiny, from sweeps/demo.yaml's `smoke` profile) is run once per module; the tests
+read what it left through the MLflow client, an `mlflow server` REST API, a killed-and-resumed run
+and a `ray job submit` to a local head.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from mike_ray.config import load_sweep
+from mike_ray.orchestrate.driver import run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = ROOT / "sweeps" / "demo.yaml"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smoke(ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep-out")
+    cfg = load_sweep(SWEEP, [f"output={out}", "study.trials=1", "search.teacher_subset=[three]"], profile="smoke")
+    summary = run_sweep(cfg, SWEEP)
+    return cfg, summary
+
+
+def _client(summary):
+    import mlflow
+
+    return mlflow.MlflowClient(summary.tracking.uri)
+
+
+def _artifacts(client, run_id: str, path: str = "") -> set[str]:
+    out = set()
+    for f in client.list_artifacts(run_id, path):
+        out |= _artifacts(client, run_id, f.path) if f.is_dir else {f.path}
+    return out
+
+
+def test_mlflow_holds_the_parent_run_and_its_trials(smoke) -> None:
+    cfg, summary = smoke
+    client = _client(summary)
+    parent = client.get_run(summary.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["method"] == "mike" and parent.data.tags["mike_ray.sweep"] == cfg.name
+    assert {"trials.txt", "trials.json", "resolved_config.json", "plots/radar_best_per_subset.png"} <= \
+        _artifacts(client, parent.info.run_id)
+
+    exp = parent.info.experiment_id
+    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{summary.parent_run_id}'")
+    trials = [r for r in children if r.data.tags.get("mike_ray.stage") == "trial"]
+    teachers = [r for r in children if r.data.tags.get("mike_ray.stage") == "teacher"]
+    assert len(teachers) == 3 and all("iou/val/mean" in r.data.metrics for r in teachers)
+    assert sorted(r.data.tags["mike_ray.method"] for r in trials) == ["mike", "pixel"]
+    for run in trials:
+        assert run.info.status == "FINISHED"
+        assert run.data.params["teacher_subset"] == "three" and "transfer/lr" in run.data.params
+        assert {"score/mean_norm_iou", "loss/train/total", "loss/val/pixel_mse", "norm_iou/DCH"} <= set(run.data.metrics)
+        history = client.get_metric_history(run.info.run_id, "loss/train/total")
+        assert len(history) == cfg.transfer.epochs
+        arts = _artifacts(client, run.info.run_id)
+        assert {"plots/radar.png", "plots/reconstructions.png", "trial.json"} <= arts
+        assert Path(run.data.tags["mike_ray.checkpoint"]).is_dir()
+        if run.data.tags["mike_ray.method"] == "mike":
+            assert "plots/layerwise_loss.png" in arts
+            assert "loss/teacher/DCH/stem" in run.data.metrics  # metric names are paths
+    # the summary printed at the end names the store and the UI command
+    report = summary.report()
+    assert summary.tracking.uri in report and "mlflow ui" in report and "three" in report
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_mlflow_server_serves_the_runs_over_rest(smoke) -> None:
+    _, summary = smoke
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", summary.tracking.uri,
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.5)
+        exp_id = _client(summary).get_run(summary.parent_run_id).info.experiment_id
+        req = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", method="POST",
+                                     data=json.dumps({"experiment_ids": [exp_id],
+                                                      "filter": f"tags.`mlflow.parentRunId` = '{summary.parent_run_id}'"}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        runs = json.loads(urllib.request.urlopen(req, timeout=10).read())["runs"]
+        stages = sorted(next(t["value"] for t in r["data"]["tags"] if t["key"] == "mike_ray.stage") for r in runs)
+        assert stages == ["teacher"] * 3 + ["trial"] * 2
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(10)
+
+
+def _env(ray_local) -> dict[str, str]:
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, RAY_AUTH_MODE="token",
+               PYTHONUNBUFFERED="1")
+    return env
+
+
+def test_a_killed_sweep_driver_resumes_without_rerunning_finished_trials(smoke, ray_local) -> None:
+    import mlflow
+
+    cfg, summary = smoke
+    out = cfg.output_dir()
+    args = [sys.executable, "-m", "mike_ray.sweep", str(SWEEP), "--profile", "smoke", "--set", f"output={out}",
+            "--set", "name=resume", "--set", "study.trials=2", "--set", "search.teacher_subset=[three]"]
+    trials_dir = out / "sweeps" / "resume" / "trials"
+    proc = subprocess.Popen(args, cwd=ROOT, env=_env(ray_local), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    # kill the driver once the baseline has finished and the first search trial is under way
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(trials_dir.glob("*.json"))) < 1:
+        assert proc.poll() is None, "the sweep ended before it could be killed"
+        time.sleep(0.5)
+    time.sleep(3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    before = {p.name: p.stat().st_mtime_ns for p in trials_dir.glob("*.json")}
+    assert before, "no trial had finished before the kill"
+
+    done = subprocess.run(args + ["--resume"], cwd=ROOT, env=_env(ray_local), capture_output=True, text=True,
+                          timeout=420)
+    assert done.returncode == 0, done.stderr[-2000:]
+    after = {p.name: p.stat().st_mtime_ns for p in trials_dir.glob("*.json")}
+    assert len(after) == 3  # 1 baseline + 2 search trials
+    assert all(after[name] == stamp for name, stamp in before.items())  # finished trials not re-run
+
+    client = mlflow.MlflowClient(summary.tracking.uri)
+    exp = client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id
+    parents = client.search_runs([exp], "tags.`mike_ray.sweep` = 'resume' and tags.`mike_ray.stage` = 'sweep'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    trial_runs = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}' and "
+                                           "tags.`mike_ray.stage` = 'trial'")
+    ids = [r.data.tags["mike_ray.trial_id"] for r in trial_runs]
+    assert len(ids) == len(set(ids)) == 3  # no trial logged twice
+    assert all(r.info.status == "FINISHED" for r in trial_runs)
