@@ -131,7 +131,7 @@ def evaluate_downstream(model_spec: Mapping[str, Any], state: Mapping[str, torch
     for res in ray.get(refs):
         t = res["task"]
         tiou = float(teacher_iou.get(t, math.nan))
-        out[t] = {"iou": res["iou"], "teacher_iou": tiou,
+        out[t] = {"iou": res["iou"], "teacher_iou": tiou, "seconds": res["seconds"],
                   "norm_iou": res["iou"] / tiou if tiou and not math.isnan(tiou) else math.nan}
     return out
 

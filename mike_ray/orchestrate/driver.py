@@ -63,8 +63,9 @@ def trial_plan(cfg: SweepConfig) -> str:
              f"objective {s.objective} ({s.direction}), method {cfg.method}",
              f"  search: {dims or 'nothing (fixed settings)'}",
              f"  teacher subsets: {({k: cfg.subset(k) for k in cfg.teacher_subsets})}"]
-    if s.baselines:
-        lines.append(f"  + {len(cfg.teacher_subsets)} pixel baseline(s), one per teacher subset")
+    if s.baselines and cfg.method == "mike":
+        subsets = cfg.search.teacher_subset or [next(iter(cfg.teacher_subsets))]
+        lines.append(f"  + {len(subsets) * s.repeats} pixel baseline(s): one per searched teacher subset and seed")
     return "\n".join(lines)
 
 

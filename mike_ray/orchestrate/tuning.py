@@ -99,6 +99,9 @@ def trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     from mike_ray.teachers.shard import ShardGroup
     from mike_ray.teachers.zoo import read_zoo
 
+    import time
+
+    t_start = time.perf_counter()
     cfg = SweepConfig.model_validate(ctx["sweep"])
     tracking = Tracking(**ctx["tracking"])
     params = {k: v for k, v in config.items()}
@@ -146,7 +149,10 @@ def trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         record = {"trial_id": trial_id, "method": tcfg.method, "subset": subset, "teachers": teachers,
                   "params": {k: v for k, v in params.items() if not k.startswith("__")}, "seed": tcfg.seed,
                   "score": mean_norm_iou(down), "downstream": down, "mlflow_run_id": run.run_id,
-                  "checkpoint": res.checkpoint_path, "retries": res.retries}
+                  "checkpoint": res.checkpoint_path, "retries": res.retries,
+                  "transfer_seconds": sum(h.get("time/epoch_seconds", 0.0) for h in res.history),
+                  "downstream_seconds": max((d.get("seconds", 0.0) for d in down.values()), default=0.0),
+                  "trial_seconds": time.perf_counter() - t_start}
         final = _final_metrics(record)
         run.metrics({k: v for k, v in final.items() if not (isinstance(v, float) and math.isnan(v))})
         _trial_artifacts(run, sweep_dir, record, res, tcfg, ctx["data_root"], query)

@@ -1,0 +1,77 @@
+"""`ray job submit` of a smoke sweep to a local head started here (token authentication on).
+
+This is the user's main-job path: `ray start --head`, then `ray job submit --working-dir . --
+python -m mike_ray.sweep …`. It runs sweeps/teacher_subsets.yaml's smoke profile (the paper's study,
+tiny, on generated data, with the eleven-teacher subset) so the whole 11-teacher path is exercised.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_runs_a_smoke_sweep_on_a_local_head(tmp_path: Path) -> None:
+    import mlflow
+
+    gcs, dash = _free_port(), _free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    # --block keeps the head's processes children of this one, so the test stops exactly what it
+    # started (`ray stop` would stop every Ray instance of the user, the test session's included)
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                             f"--temp-dir={tmp_path / 'ray'}"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    out = tmp_path / "out"
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 90
+        while subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
+                             capture_output=True).returncode != 0:
+            assert head.poll() is None and time.time() < deadline, "the Ray head did not come up"
+            time.sleep(1)
+        # without the token the job API refuses
+        denied = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address],
+                                env={**env, "RAY_AUTH_TOKEN": "0" * 64}, capture_output=True, text=True)
+        assert denied.returncode != 0
+
+        job = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+             "python", "-m", "mike_ray.sweep", "sweeps/teacher_subsets.yaml", "--profile", "smoke",
+             "--set", f"output={out}", "--set", "study.trials=1", "--set", "study.baselines=false",
+             "--set", "search.teacher_subset=[eleven]"],
+            env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-2000:]
+        assert "succeeded" in job.stdout.lower()
+        assert "sweep 'teacher_subsets-smoke'" in job.stdout and "MLflow store" in job.stdout
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("mike_ray-smoke").experiment_id
+    runs = client.search_runs([exp], "tags.`mike_ray.stage` = 'trial'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["teacher_subset"] == "eleven" and len(runs[0].data.params["teachers"].split(",")) == 11
+    assert "score/mean_norm_iou" in runs[0].data.metrics
