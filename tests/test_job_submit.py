@@ -32,7 +32,9 @@ def test_ray_job_submit_runs_a_smoke_sweep_on_a_local_head(tmp_path: Path) -> No
     import mlflow
 
     gcs, dash = _free_port(), _free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
+    # the job's `python` is the head's: this interpreter's environment
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0",
+               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("RAY_ADDRESS", None)
     # --block keeps the head's processes children of this one, so the test stops exactly what it
     # started (`ray stop` would stop every Ray instance of the user, the test session's included)

@@ -71,7 +71,7 @@ def test_unsafe_or_broken_weights_are_refused(tiny_zoo: Path, tmp_path: Path) ->
     shutil.copytree(tiny_zoo / "DCH", bad)
     with open(bad / "weights.pt", "wb") as f:
         pickle.dump({"w": _Evil()}, f)
-    with pytest.raises(ModelError, match="weights.pt: cannot load weights"):
+    with pytest.raises(ModelError, match="weights.pt: not a readable weights file"):
         load_teacher(bad)
     (bad / "teacher.json").write_text("{not json")
     with pytest.raises(DataError, match="teacher.json: malformed"):

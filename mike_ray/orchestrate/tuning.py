@@ -253,6 +253,11 @@ def run_trials(cfg: SweepConfig, data_root: Path, zoo_dir: Path, tracking: Track
     from ray.tune.search.optuna import OptunaSearch
 
     sweep_dir = cfg.output_dir() / "sweeps" / cfg.name
+    if sweep_dir.exists() and not resume:
+        # a new run of the same sweep: keep the previous one's files beside it, start clean
+        import time
+
+        sweep_dir.rename(sweep_dir.with_name(f"{cfg.name}.{time.strftime('%Y%m%d-%H%M%S')}"))
     storage = sweep_dir / "tune"
     from mike_ray.orchestrate.transfer import query_datasets
     from mike_ray.teachers.zoo import read_zoo

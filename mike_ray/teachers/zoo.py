@@ -183,20 +183,10 @@ def read_teacher(teacher_dir: Path) -> TeacherRecord:
 def load_teacher(teacher_dir: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, TeacherRecord]:
     """Rebuild a stored teacher, frozen and in eval mode. Weights load with ``weights_only=True``."""
     from mike_ray.models import build_model
+    from mike_ray.models.registry import load_weights
 
     rec = read_teacher(teacher_dir)
-    wpath = Path(teacher_dir) / rec.weights
-    try:
-        state = torch.load(wpath, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ModelError(f"{wpath}: weights file not found") from None
-    except Exception as err:  # unpickling refused, truncated file, ...
-        raise ModelError(f"{wpath}: cannot load weights: {type(err).__name__}: {str(err).splitlines()[0]}") from None
-    model = build_model(rec.model)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise ModelError(f"{wpath}: weights do not fit model {rec.model.get('arch')}: {str(err).splitlines()[0]}") from None
+    model = load_weights(build_model(rec.model), Path(teacher_dir) / rec.weights, name=rec.name)
     model.eval().requires_grad_(False)
     return model.to(device), rec
 
