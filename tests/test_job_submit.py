@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,31 +38,45 @@ def test_ray_job_submit_runs_a_smoke_sweep_on_a_local_head(tmp_path: Path) -> No
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0",
                PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("RAY_ADDRESS", None)
+    # Ray's socket paths must stay under 107 bytes: pytest's tmp_path is too deep for them
+    ray_tmp = tempfile.mkdtemp(prefix="mr-head-", dir="/tmp")
     # --block keeps the head's processes children of this one, so the test stops exactly what it
     # started (`ray stop` would stop every Ray instance of the user, the test session's included)
     head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                             f"--temp-dir={tmp_path / 'ray'}"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                             # fixed default ports may be held by another Ray on this machine (the test
+                             # session's own): take free ones for every agent the job API needs
+                             *(f"--{name}={_free_port()}" for name in (
+                                 "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                 "ray-client-server-port", "runtime-env-agent-port", "metrics-export-port")),
+                             f"--temp-dir={ray_tmp}"],
+                            env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
     out = tmp_path / "out"
     try:
         address = f"http://127.0.0.1:{dash}"
         deadline = time.time() + 90
         while subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
                              capture_output=True).returncode != 0:
-            assert head.poll() is None and time.time() < deadline, "the Ray head did not come up"
+            assert head.poll() is None and time.time() < deadline, \
+                "the Ray head did not come up: " + (tmp_path / "head.log").read_text()[-1500:]
             time.sleep(1)
         # without the token the job API refuses
         denied = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address],
                                 env={**env, "RAY_AUTH_TOKEN": "0" * 64}, capture_output=True, text=True)
         assert denied.returncode != 0
 
-        job = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-             "python", "-m", "mike_ray.sweep", "sweeps/teacher_subsets.yaml", "--profile", "smoke",
-             "--set", f"output={out}", "--set", "study.trials=1", "--set", "study.baselines=false",
-             "--set", "search.teacher_subset=[eleven]"],
-            env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        submit = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+                  "python", "-m", "mike_ray.sweep", "sweeps/teacher_subsets.yaml", "--profile", "smoke",
+                  "--set", f"output={out}", "--set", "study.trials=1", "--set", "study.baselines=false",
+                  "--set", "search.teacher_subset=[eleven]"]
+        deadline = time.time() + 120
+        while True:
+            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+            # the job API answers before the head's dashboard agent can take jobs: try again then
+            if "No available agent" not in job.stderr or time.time() > deadline:
+                break
+            time.sleep(3)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-2000:]
         assert "succeeded" in job.stdout.lower()
         assert "sweep 'teacher_subsets-smoke'" in job.stdout and "MLflow store" in job.stdout
@@ -70,6 +86,7 @@ def test_ray_job_submit_runs_a_smoke_sweep_on_a_local_head(tmp_path: Path) -> No
             head.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
     client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     exp = client.get_experiment_by_name("mike_ray-smoke").experiment_id

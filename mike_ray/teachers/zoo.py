@@ -114,6 +114,10 @@ def train_teacher(task: str, data_root: Path, cfg: ZooConfig, out_dir: Path) -> 
 
     train_ds = ShardDataset(data_root, "train", [task], limit=cfg.train.max_train_samples, seed=cfg.train.seed)
     val_ds = ShardDataset(data_root, "val", [task])
+    for split, ds in (("train", train_ds), ("val", val_ds)):
+        if len(ds) == 0:
+            raise DataError(f"{data_root}: task {task} has no {split} crops (generate or prepare more images, "
+                            f"or a larger val_fraction)")
     train_dl = make_loader(train_ds, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
     val_dl = make_loader(val_ds, 256, shuffle=False)
 
