@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from mike_ray.config_base import StrictModel, load_yaml, validate
+from mike_ray.data.classification import ClassificationData
 from mike_ray.data.coco import PrepareConfig
 from mike_ray.data.tasks import TASK_CODES, TASKS
 from mike_ray.errors import ConfigError
 from mike_ray.mike.downstream import DownstreamConfig
+from mike_ray.mhgd.train import METHODS as MHGD_METHODS
+from mike_ray.mhgd.train import MHGDConfig
+from mike_ray.mhgd.zoo import ClassifierZooConfig
 from mike_ray.mike.train import TransferConfig
 from mike_ray.orchestrate.transfer import WorkersConfig
 from mike_ray.teachers.shard import PlacementConfig
@@ -51,6 +55,42 @@ class DataConfig(StrictModel):
         return self
 
 
+MIKE_METHODS: tuple[str, ...] = ("mike", "pixel")
+"""MIKE-family methods: an autoencoder trained on teacher activations (or on pixels, the baseline)."""
+MhgdMethod = Literal["student", "soft_logits", "fsp", "ab", "kdsvd", "mhgd"]
+
+
+class ClassificationSource(StrictModel):
+    """MHGD's classification data: the embedded crops (default) or a published dataset in a local folder."""
+
+    source: Literal["crops", "cifar100", "tiny_imagenet"] = "crops"
+    root: str | None = None  # crops: default = the prepared data of ``data``; others: required
+    image_size: int | None = Field(32, ge=8)  # crops are prepared at 64; CIFAR-sized by default
+    tasks: list[str] | None = None
+    limit_train: int | None = Field(None, ge=1)
+    limit_val: int | None = Field(None, ge=1)
+    augment: bool = True
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _root(self) -> "ClassificationSource":
+        if self.source != "crops":
+            if not self.root:
+                raise ValueError(f"classification.root is required for source '{self.source}' (nothing is downloaded)")
+            if not Path(self.root).is_dir():
+                raise ValueError(f"classification.root: {self.root} not found")
+        if self.tasks is not None and self.source != "crops":
+            raise ValueError(f"classification.tasks: only the 'crops' source has tasks, not {self.source!r}")
+        return self
+
+    def resolve(self, prepared_root: str | Path | None) -> ClassificationData:
+        """The :class:`ClassificationData` to read (crops default to the sweep's prepared data)."""
+        root = self.root or (str(prepared_root) if prepared_root is not None else None)
+        if root is None:
+            raise ConfigError("classification.root: no prepared crops to default to")
+        return ClassificationData(**{**self.model_dump(), "root": root})
+
+
 class Range(StrictModel):
     """A numeric search range (Optuna suggest_float/suggest_int)."""
 
@@ -80,7 +120,14 @@ class SearchConfig(StrictModel):
     schedule: list[Literal["uniform", "last_layer", "layerwise_progressive", "adaptive"]] | None = None
     pretrain_fraction: list[float] | Range | None = None
     num_phases: list[int] | None = None  # layerwise_progressive only (define-by-run)
-    lr: list[float] | Range | None = None
+    lr: list[float] | Range | None = None  # transfer.lr (MIKE) or mhgd.lr (MHGD)
+    # MHGD family
+    method: list[MhgdMethod] | None = None  # table 1: the methods side by side
+    num_heads: list[int] | Range | None = None  # table 4: 1, 2, 4, 8, 16
+    phase1_epochs: list[int] | Range | None = None
+
+    MIKE_ONLY: ClassVar[tuple[str, ...]] = ("embed_channels", "schedule", "pretrain_fraction", "num_phases")
+    MHGD_ONLY: ClassVar[tuple[str, ...]] = ("method", "num_heads", "phase1_epochs")
 
     @field_validator("embed_channels")
     @classmethod
@@ -93,7 +140,8 @@ class SearchConfig(StrictModel):
             raise ValueError("empty choice list")
         return v
 
-    @field_validator("teacher_subset", "schedule", "pretrain_fraction", "num_phases", "lr")
+    @field_validator("teacher_subset", "schedule", "pretrain_fraction", "num_phases", "lr", "method", "num_heads",
+                     "phase1_epochs")
     @classmethod
     def _nonempty(cls, v):
         if isinstance(v, list) and not v:
@@ -104,13 +152,16 @@ class SearchConfig(StrictModel):
 class StudyConfig(StrictModel):
     """The Optuna study run by Tune."""
 
-    objective: str = "score/mean_norm_iou"
+    objective: str = "score/mean_norm_iou"  # MHGD sweeps: "acc/best" unless set
     direction: Literal["max", "min"] = "max"
     trials: int = Field(4, ge=1)
     concurrency: int = Field(1, ge=1)
     seed: int = 0
     repeats: int = Field(1, ge=1)  # seeds per configuration; summaries give mean ± std
-    baselines: bool = True  # one pixel-MSE autoencoder per teacher subset, same query data
+    baselines: bool = True  # MIKE: a pixel-MSE autoencoder per subset and seed; MHGD: the student alone per seed
+    # "optuna": Tune + OptunaSearch, ``trials`` samples; "grid": every combination of the search's
+    # choice lists (× repeats), e.g. the paper's tables (every method, every head count)
+    algorithm: Literal["optuna", "grid"] = "optuna"
 
 
 class ResourcesConfig(StrictModel):
@@ -137,10 +188,14 @@ class SweepConfig(StrictModel):
     output: str = "outputs"
     data: DataConfig = Field(default_factory=DataConfig)
     zoo: ZooConfig = Field(default_factory=ZooConfig)
-    method: Literal["mike", "pixel"] = "mike"
+    method: Literal["mike", "pixel", "student", "soft_logits", "fsp", "ab", "kdsvd", "mhgd"] = "mike"
     teacher_subsets: dict[str, list[str] | Literal["all"]] = Field(default_factory=lambda: {"all": "all"})
     transfer: TransferConfig = Field(default_factory=TransferConfig)
     downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
+    # MHGD family (method student … mhgd): classification data, classifier teachers, the student's run
+    classification: ClassificationSource = Field(default_factory=ClassificationSource)
+    classifier_zoo: ClassifierZooConfig = Field(default_factory=ClassifierZooConfig)
+    mhgd: MHGDConfig = Field(default_factory=MHGDConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     study: StudyConfig = Field(default_factory=StudyConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
@@ -154,17 +209,29 @@ class SweepConfig(StrictModel):
         if not v:
             raise ValueError("at least one teacher subset is required")
         for name, teachers in v.items():
-            if teachers == "all":
-                continue
-            if not teachers:
+            if teachers != "all" and not teachers:
                 raise ValueError(f"subset '{name}' is empty")
-            bad = [t for t in teachers if t not in TASKS]
-            if bad:
-                raise ValueError(f"subset '{name}': unknown teacher '{bad[0]}' (known: {', '.join(TASK_CODES)})")
         return v
+
+    @property
+    def family(self) -> str:
+        """"mike" (autoencoder + downstream IoU) or "mhgd" (classifier student + accuracy)."""
+        return "mike" if self.method in MIKE_METHODS else "mhgd"
 
     @model_validator(mode="after")
     def _cross(self) -> "SweepConfig":
+        if self.family == "mhgd":
+            self._check_mhgd()
+            return self
+        for name in SearchConfig.MHGD_ONLY:
+            if getattr(self.search, name) is not None:
+                raise ValueError(f"search.{name}: only for MHGD-family methods ({', '.join(MHGD_METHODS)}), "
+                                 f"not method '{self.method}'")
+        for name, teachers in self.teacher_subsets.items():
+            bad = [t for t in self.subset(name) if t not in TASKS]
+            if bad:
+                raise ValueError(f"teacher_subsets.{name}: unknown teacher '{bad[0]}' (known: {', '.join(TASK_CODES)})")
+        self._check_grid()
         zoo = set(self.zoo.tasks)
         for name, teachers in self.teacher_subsets.items():
             missing = [t for t in self.subset(name) if t not in zoo]
@@ -182,6 +249,67 @@ class SweepConfig(StrictModel):
             raise ValueError(f"downstream.tasks: '{missing[0]}' is not in data.prepare.tasks")
         self._check_search_values()
         return self
+
+    def _check_grid(self) -> None:
+        if self.study.algorithm != "grid":
+            return
+        for name, dim in self.search:
+            if isinstance(dim, Range):
+                raise ValueError(f"search.{name}: study.algorithm 'grid' needs a list of choices, not a range")
+
+    def _check_mhgd(self) -> None:
+        """MHGD sweeps: subsets name classifier teachers; only MHGD search dimensions; one worker."""
+        for name in SearchConfig.MIKE_ONLY:
+            if getattr(self.search, name) is not None:
+                raise ValueError(f"search.{name}: only for MIKE sweeps (method 'mike'), not method '{self.method}'")
+        for key in ("method", "teacher", "teacher_epochs"):
+            if key in self.mhgd.model_fields_set:
+                where = {"method": "the top-level 'method' (or search.method)",
+                         "teacher": "classifier_zoo.teachers", "teacher_epochs": "classifier_zoo.train.epochs"}[key]
+                raise ValueError(f"mhgd.{key}: set {where} instead")
+        known = list(self.classifier_zoo.teachers)
+        for name in self.teacher_subsets:
+            bad = [t for t in self.subset(name) if t not in known]
+            if bad:
+                raise ValueError(f"teacher_subsets.{name}: '{bad[0]}' is not in classifier_zoo.teachers "
+                                 f"(has: {', '.join(known)})")
+        for name in self.search.teacher_subset or []:
+            if name not in self.teacher_subsets:
+                raise ValueError(f"search.teacher_subset: '{name}' is not a key of teacher_subsets")
+        if self.resources.workers.num_workers != 1:
+            raise ValueError("resources.workers.num_workers: MHGD trains on one worker (its graphs relate the "
+                             "samples of one batch)")
+        if "objective" not in self.study.model_fields_set:
+            self.study.objective = "acc/best"
+        self._check_grid()
+        # every value a search dimension can take must make a valid MHGD run
+        base = self.mhgd.model_dump()
+        base["method"] = self.method
+        for name in ("method", "lr", "num_heads", "phase1_epochs"):
+            dim = getattr(self.search, name)
+            if dim is None:
+                continue
+            for v in ([dim.low, dim.high] if isinstance(dim, Range) else dim):
+                try:
+                    MHGDConfig.model_validate({**base, name: int(v) if name in ("num_heads", "phase1_epochs") else v})
+                except ValidationError as err:
+                    why = err.errors()[0].get("msg", "invalid value")
+                    raise ValueError(f"search.{name}: {v!r} is not a valid mhgd.{name} ({why})") from None
+
+    def resolved(self) -> dict[str, Any]:
+        """The resolved config as JSON-able data (what runs log, and what a trial re-validates):
+        ``mhgd.method/teacher/teacher_epochs`` are left out, they come from elsewhere in the file."""
+        return self.model_dump(mode="json", exclude={"mhgd": {"method", "teacher", "teacher_epochs"}})
+
+    def mhgd_run(self, params: dict[str, Any] | None = None) -> MHGDConfig:
+        """The :class:`MHGDConfig` of one trial: ``mhgd`` + method + a trial's searched values."""
+        params = params or {}
+        d = self.mhgd.model_dump()
+        d["method"] = params.get("method", self.method)
+        for key in ("lr", "num_heads", "phase1_epochs"):
+            if key in params:
+                d[key] = params[key]
+        return MHGDConfig.model_validate(d)
 
     def _check_search_values(self) -> None:
         """Every value a search dimension can take (each choice; a range's ends) must be valid for
@@ -208,7 +336,9 @@ class SweepConfig(StrictModel):
     def subset(self, name: str) -> list[str]:
         """Teacher names of a subset ("all" → every zoo teacher)."""
         t = self.teacher_subsets[name]
-        return list(self.zoo.tasks) if t == "all" else list(t)
+        if t == "all":
+            return list(self.zoo.tasks) if self.family == "mike" else list(self.classifier_zoo.teachers)
+        return list(t)
 
     def output_dir(self) -> Path:
         return Path(self.output).resolve()

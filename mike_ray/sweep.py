@@ -39,6 +39,9 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
+        # a local run's trials are short: Train's controller polls its workers every 0.5 s instead of
+        # 2 s, which saves ~5 s per trial on a laptop (clusters keep Ray's default)
+        env["env_vars"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
         ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", include_dashboard=False, runtime_env=env)
 
 
@@ -51,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         from mike_ray.orchestrate.driver import trial_plan
 
-        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        print(json.dumps(cfg.resolved(), indent=2))
         print(trial_plan(cfg))
         return 0
 

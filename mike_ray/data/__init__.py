@@ -4,8 +4,10 @@ Public API (see docs/contracts.md):
 
 - :mod:`~mike_ray.data.tasks`: ``TASKS``, ``TASK_CODES``, ``task_id``, ``resolve_task_categories``
 - :mod:`~mike_ray.data.synth`: ``generate_coco`` — the embedded default dataset
-- :mod:`~mike_ray.data.coco`: ``PrepareConfig``, ``load_coco``, ``iter_crops`` — the pycocotools reader
-- :mod:`~mike_ray.data.shards`: ``prepare_dataset``, ``read_manifest``, ``validate_dataset``, ``read_shard``
+- :mod:`~mike_ray.data.coco`: ``PrepareConfig``, ``load_coco``, ``read_image``, ``check_coco_root``,
+  ``iter_crops`` — the pycocotools reader
+- :mod:`~mike_ray.data.shards`: ``prepare_dataset``, ``read_manifest``, ``validate_dataset``, ``check_dataset``,
+  ``read_shard``
 - :mod:`~mike_ray.data.loaders`: ``ShardDataset``, ``make_loader``, ``ray_dataset`` (imports torch;
   loaded lazily so the CLI and the preparation path start fast)
 
@@ -15,8 +17,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from mike_ray.data.coco import PrepareConfig, load_coco
-from mike_ray.data.shards import Manifest, prepare_dataset, read_manifest, read_shard, validate_dataset
+from mike_ray.data.coco import PrepareConfig, check_coco_root, load_coco, read_image
+from mike_ray.data.shards import (Manifest, check_dataset, prepare_dataset, read_manifest, read_shard,
+                                  validate_dataset)
 from mike_ray.data.synth import generate_coco
 from mike_ray.data.tasks import TASK_CODES, TASKS, resolve_task_categories, task_id
 
@@ -32,5 +35,6 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["TASKS", "TASK_CODES", "task_id", "resolve_task_categories", "generate_coco", "PrepareConfig",
-           "load_coco", "Manifest", "prepare_dataset", "read_manifest", "read_shard", "validate_dataset",
+           "load_coco", "read_image", "check_coco_root", "Manifest", "prepare_dataset", "read_manifest", "read_shard",
+           "validate_dataset", "check_dataset",
            "ShardDataset", "make_loader", "ray_dataset", "identity_collate"]

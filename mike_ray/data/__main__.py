@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.images < 1:
             raise ConfigError(f"--images: must be >= 1, got {args.images}")
         t0 = time.perf_counter()
-        with tqdm(total=args.images, desc="generate", unit="img", file=sys.stderr) as bar:
+        with tqdm(total=args.images, desc="generate", unit="img", file=sys.stderr, disable=None) as bar:
             path = generate_coco(args.out, n_images=args.images, seed=args.seed, split=args.split,
                                  progress=lambda done, total: bar.update(done - bar.n))
         print(f"wrote {args.images} images and {path} in {time.perf_counter() - t0:.1f}s")
@@ -68,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_model(PrepareConfig, args.config) if args.config else PrepareConfig()
         if args.tasks:
             cfg = validate(PrepareConfig, {**cfg.model_dump(), "tasks": args.tasks}, source="--tasks")
-        bar = tqdm(desc="prepare", unit="img", file=sys.stderr)
+        # disable=None: no bar when stderr is not a terminal, so a failing run's stderr is the one error line
+        bar = tqdm(desc="prepare", unit="img", file=sys.stderr, disable=None)
 
         def progress(done: int, total: int) -> None:
             bar.total = total

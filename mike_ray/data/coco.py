@@ -32,18 +32,18 @@ import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pycocotools.coco import COCO
 from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from mike_ray.config_base import StrictModel
 from mike_ray.data.tasks import TASK_CODES, TASKS, check_task_codes, resolve_task_categories
-from mike_ray.errors import ConfigError, DataError
+from mike_ray.errors import ConfigError, DataError, one_line
 
 SPLITS = ("train", "val")
 
@@ -119,8 +119,11 @@ def _validate_coco(data: Any, source: str) -> None:
         where = f"categories[{i}]"
         if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or not isinstance(cat.get("name"), str):
             raise _err(source, where, "needs integer 'id' and string 'name'")
+        if cat["id"] in cat_ids:  # pycocotools would silently keep the last one
+            raise _err(source, f"{where}.id", f"duplicate category id {cat['id']}")
         cat_ids.add(cat["id"])
     img_ids: set[int] = set()
+    img_hw: dict[int, tuple[int, int]] = {}
     for i, img in enumerate(data["images"]):
         where = f"images[{i}]"
         if not isinstance(img, dict):
@@ -132,9 +135,15 @@ def _validate_coco(data: Any, source: str) -> None:
             raise _err(source, f"{where} (id {img['id']})", "width and height must be positive")
         if not isinstance(img.get("file_name"), str) or not img["file_name"]:
             raise _err(source, f"{where}.file_name", "missing or not a string")
+        # images are read from <root>/<split>/<file_name>: a name must not leave that folder
+        name = PurePosixPath(img["file_name"].replace("\\", "/"))
+        if name.is_absolute() or ".." in name.parts:
+            raise _err(source, f"{where}.file_name", f"{img['file_name']!r} must be a relative path inside "
+                                                     "the split's image folder")
         if img["id"] in img_ids:
             raise _err(source, f"{where}.id", f"duplicate image id {img['id']}")
         img_ids.add(img["id"])
+        img_hw[img["id"]] = (img["height"], img["width"])
     ann_ids: set[int] = set()
     for i, ann in enumerate(data["annotations"]):
         where = f"annotations[{i}]"
@@ -144,9 +153,10 @@ def _validate_coco(data: Any, source: str) -> None:
         if ann["id"] in ann_ids:
             raise _err(source, f"{where}.id", "duplicate annotation id")
         ann_ids.add(ann["id"])
-        if ann.get("image_id") not in img_ids:
+        # isinstance first: a list or object id is unhashable and would make the set lookup raise
+        if not isinstance(ann.get("image_id"), int) or ann["image_id"] not in img_ids:
             raise _err(source, f"{where}.image_id", f"no image with id {ann.get('image_id')!r}")
-        if ann.get("category_id") not in cat_ids:
+        if not isinstance(ann.get("category_id"), int) or ann["category_id"] not in cat_ids:
             raise _err(source, f"{where}.category_id", f"unknown category id {ann.get('category_id')!r}")
         bbox = ann.get("bbox")
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_num(c) for c in bbox)) or bbox[2] < 0 \
@@ -156,15 +166,42 @@ def _validate_coco(data: Any, source: str) -> None:
             raise _err(source, f"{where}.area", "missing or not a number")
         if ann.get("iscrowd", 0) not in (0, 1):
             raise _err(source, f"{where}.iscrowd", "must be 0 or 1")
-        seg = ann.get("segmentation")
-        if isinstance(seg, list):
-            if not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in seg):
-                raise _err(source, f"{where}.segmentation", "polygons must be lists of >= 3 x,y pairs")
-        elif isinstance(seg, dict):
-            if not isinstance(seg.get("counts"), (list, str)) or not isinstance(seg.get("size"), list):
-                raise _err(source, f"{where}.segmentation", "RLE needs 'counts' and 'size'")
-        else:
-            raise _err(source, f"{where}.segmentation", "missing (polygon list or RLE object)")
+        _validate_segmentation(ann.get("segmentation"), img_hw[ann["image_id"]], source, f"{where}.segmentation")
+
+
+def _validate_segmentation(seg: Any, hw: tuple[int, int], source: str, where: str) -> None:
+    """Polygons: lists of >= 3 finite x,y pairs. RLE: ``size`` equal to the image's [height, width],
+    ``counts`` a compressed string or non-negative run lengths that add up to height·width.
+
+    pycocotools does not check these: a wrong RLE size or run sum decodes to a mask of the wrong
+    shape or garbage, and a non-numeric coordinate fails deep inside its C code.
+    """
+    if isinstance(seg, list):
+        for k, poly in enumerate(seg):
+            if not (isinstance(poly, list) and len(poly) >= 6 and len(poly) % 2 == 0):
+                raise _err(source, f"{where}[{k}]", "polygons must be lists of >= 3 x,y pairs")
+            # sum() runs in C: a non-number raises TypeError, a NaN/inf makes the sum non-finite
+            try:
+                total = sum(poly)
+            except TypeError:
+                total = None
+            if not _is_num(total):
+                raise _err(source, f"{where}[{k}]", "polygon coordinates must be finite numbers")
+    elif isinstance(seg, dict):
+        counts, size = seg.get("counts"), seg.get("size")
+        if not isinstance(counts, (list, str)) or not isinstance(size, list):
+            raise _err(source, where, "RLE needs 'counts' and 'size'")
+        if size != list(hw):
+            raise _err(source, f"{where}.size", f"RLE size {size} differs from the image's [height, width] "
+                                                f"{list(hw)}")
+        if isinstance(counts, list):
+            if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+                raise _err(source, f"{where}.counts", "uncompressed RLE counts must be non-negative integers")
+            if sum(counts) != hw[0] * hw[1]:
+                raise _err(source, f"{where}.counts", f"run lengths add up to {sum(counts)}, the image has "
+                                                      f"{hw[0]}x{hw[1]} = {hw[0] * hw[1]} pixels")
+    else:
+        raise _err(source, where, "missing (polygon list or RLE object)")
 
 
 def load_coco(ann_path: str | Path) -> COCO:
@@ -180,8 +217,12 @@ def load_coco(ann_path: str | Path) -> COCO:
             data = json.load(fh)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read: {err}") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start}): {err.reason}") from None
+    except RecursionError:
+        raise DataError(f"{path}: invalid JSON: nested too deeply") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read: {err.strerror or err}") from None
     _validate_coco(data, str(path))
     coco = COCO()
     coco.dataset = data
@@ -348,18 +389,72 @@ class CropRecord:
     mask: bytes
 
 
-def _load_image(path: Path, img: dict, source: str) -> Image.Image:
+def read_image(path: str | Path, *, size: tuple[int, int] | None = None, source: str | None = None,
+               image_id: int | None = None) -> Image.Image:
+    """Decode an image file completely into RGB (grayscale, palette, CMYK, 16-bit are converted).
+
+    Args:
+        path: the image file.
+        size: expected ``(width, height)`` (from the annotation file); None skips the check.
+        source: the annotation file that lists the image, for messages.
+        image_id: the image's id in ``source``, for messages.
+    Raises:
+        DataError: ``<path>: ...`` for a missing, empty, truncated or undecodable file, one that claims
+            a decompression-bomb size, or one whose size differs from ``size``.
+    """
+    path = Path(path)
+    where = [f"image id {image_id}"] if image_id is not None else []
+    ctx = f" ({' in '.join(where + ([source] if source else []))})" if where or source else ""
     if not path.is_file():
-        raise DataError(f"{path}: image file not found (image id {img['id']} in {source})")
+        raise DataError(f"{path}: image file not found{ctx}")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: cannot read image{ctx}: file is empty (0 bytes)")
     try:
         with Image.open(path) as im:
-            rgb = im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise DataError(f"{path}: cannot read image (image id {img['id']}): {err}") from None
-    if rgb.size != (img["width"], img["height"]):
-        raise DataError(f"{path}: image is {rgb.size[0]}x{rgb.size[1]} but {source} says "
-                        f"{img['width']}x{img['height']} (image id {img['id']})")
+            rgb = im.convert("RGB")  # forces a full decode: a truncated file fails here, not mid-batch
+    except Exception as err:  # noqa: BLE001 - PIL's decoders raise OSError, SyntaxError, ValueError,
+        # struct.error, DecompressionBombError...: each means "not a usable image"
+        detail = one_line(str(err)).replace(f"'{path}'", "").replace(str(path), "").strip() or type(err).__name__
+        if isinstance(err, Image.DecompressionBombError):
+            detail = f"refused as a possible decompression bomb: {detail}"
+        raise DataError(f"{path}: cannot read image{ctx}: {detail}") from None
+    if size is not None and rgb.size != tuple(size):
+        said = f"{source} says" if source else "expected"
+        tail = f" (image id {image_id})" if image_id is not None else ""
+        raise DataError(f"{path}: image is {rgb.size[0]}x{rgb.size[1]} but {said} {size[0]}x{size[1]}{tail}")
     return rgb
+
+
+def _load_image(path: Path, img: dict, source: str) -> Image.Image:
+    """Read the image of COCO record ``img``, checked against the record's width and height."""
+    return read_image(path, size=(img["width"], img["height"]), source=source, image_id=img["id"])
+
+
+def check_coco_root(coco_root: str | Path, splits: Sequence[str] | None = None) -> dict[str, int]:
+    """Validate a COCO-layout directory the way ``prepare`` reads it, without writing anything.
+
+    Every split's annotation file is loaded (:func:`load_coco`) and every image it lists is decoded
+    and checked against its width/height (:func:`read_image`), so a bad file is reported before an
+    hour-long preparation rather than in the middle of it.
+
+    Returns:
+        split → number of images checked.
+    Raises:
+        DataError: the first bad annotation file or image, named with its field/image id.
+    """
+    done: dict[str, int] = {}
+    seen: dict[int, Path] = {}
+    for split in (list(splits) if splits else discover_splits(coco_root)):
+        ann_path = annotation_path(coco_root, split)
+        coco = load_coco(ann_path)
+        for img_id in sorted(coco.imgs):
+            if img_id in seen:
+                raise DataError(f"{ann_path}: images: image id {img_id} also appears in {seen[img_id]}")
+            seen[img_id] = ann_path
+            img = coco.imgs[img_id]
+            _load_image(Path(coco_root) / split / img["file_name"], img, str(ann_path))
+        done[split] = len(coco.imgs)
+    return done
 
 
 def _eligible(ann: dict, cfg: PrepareConfig) -> bool:

@@ -40,8 +40,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from mike_ray.config_base import format_validation_error
 from mike_ray.data.coco import (SPLITS, CropRecord, PrepareConfig, annotation_path, count_work, discover_splits,
                                 file_sha256, iter_crops, open_sources)
-from mike_ray.data.tasks import TASKS
-from mike_ray.errors import DataError
+from mike_ray.data.tasks import TASK_CODES, TASKS
+from mike_ray.errors import DataError, one_line
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -120,9 +120,13 @@ def read_manifest(path: str | Path) -> Manifest:
     if not p.is_file():
         raise DataError(f"{p}: manifest not found (dataset incomplete or not prepared)")
     try:
-        raw = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{p}: invalid JSON: {err}") from None
+        raw = json.loads(p.read_bytes())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{p}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{p}: invalid JSON: not UTF-8 text (byte {err.start})") from None
+    except RecursionError:
+        raise DataError(f"{p}: invalid JSON: nested too deeply") from None
     try:
         man = Manifest.model_validate(raw)
     except ValidationError as err:
@@ -143,6 +147,15 @@ def read_manifest(path: str | Path) -> Manifest:
                 classes = table.get(split, {}).get(task)
                 if classes is None or set(classes) != set(TASKS[task]):
                     raise DataError(f"{p}: {field}.{split}.{task}: missing or wrong classes")
+                for cls, n in classes.items():
+                    if n < 0:
+                        raise DataError(f"{p}: {field}.{split}.{task}.{cls}: {n}, a count cannot be negative")
+                    # every instance gives at least one crop
+                    if field == "instances" and n > man.counts[split][task][cls]:
+                        raise DataError(f"{p}: instances.{split}.{task}.{cls}: {n} instances but only "
+                                        f"{man.counts[split][task][cls]} crops")
+    if not (len(man.content_hash) == 64 and all(c in "0123456789abcdef" for c in man.content_hash)):
+        raise DataError(f"{p}: content_hash: {man.content_hash[:80]!r} is not a sha256 hex digest")
     return man
 
 
@@ -161,15 +174,36 @@ def validate_dataset(root: str | Path, verify_content: bool = False) -> Manifest
             try:
                 rows = pq.ParquetFile(path).metadata.num_rows
             except (pa.ArrowException, OSError) as err:
-                raise DataError(f"{path}: not a readable Parquet file: {err}") from None
+                raise DataError(f"{path}: not a readable Parquet file: {_arrow_detail(err, path)}") from None
             if rows != man.rows(split, task):
                 raise DataError(f"{path}: {rows} rows, manifest counts {man.rows(split, task)}")
-    if verify_content and content_hash(root) != man.content_hash:
-        raise DataError(f"{root / MANIFEST}: content_hash: shard files do not match")
+    if verify_content:
+        got = content_hash(root)
+        if got != man.content_hash:
+            raise DataError(f"{root / MANIFEST}: content_hash: shard files do not match (manifest "
+                            f"{man.content_hash[:12]}..., files {got[:12]}...)")
+    return man
+
+
+def check_dataset(root: str | Path) -> Manifest:
+    """The thorough check of a prepared dataset (``python -m mike_ray.check``): everything
+    :func:`validate_dataset` checks with ``verify_content``, then every shard read in full with
+    :func:`read_shard` (schema, sizes, mask and label values). Reads every byte once or twice."""
+    root = Path(root)
+    man = validate_dataset(root, verify_content=True)
+    for split in SPLITS:
+        for task in man.tasks:
+            read_shard(shard_path(root, split, task), man.image_size)
     return man
 
 
 # --------------------------------------------------------------------------- shards
+
+def _arrow_detail(err: BaseException, path: Path) -> str:
+    """Arrow's error text on one line, without the path it repeats (the message starts with it)."""
+    text = one_line(str(err)).replace(f"Could not open Parquet input source '{path}': ", "")
+    return text.replace(f"'{path}'", "").replace(str(path), "").strip() or type(err).__name__
+
 
 def _check_schema(path: Path, schema: pa.Schema, columns: Sequence[str] | None = None) -> None:
     for field in SCHEMA:
@@ -188,37 +222,100 @@ def check_shard_schema(path: str | Path) -> None:
     try:
         schema = pq.read_schema(path)
     except (pa.ArrowException, OSError) as err:
-        raise DataError(f"{path}: not a readable Parquet file: {err}") from None
+        raise DataError(f"{path}: not a readable Parquet file: {_arrow_detail(err, path)}") from None
     _check_schema(path, schema)
 
 
 def read_shard(path: str | Path, image_size: int, columns: Sequence[str] | None = None) -> pa.Table:
-    """Read one shard and check its schema and the byte size of every image and mask value.
+    """Read one shard and check its schema, the byte size of every image and mask value, and the values.
 
-    A missing/unreadable file, a missing or ill-typed column, or a value of the wrong size →
+    A missing/unreadable file, a missing or ill-typed column, a null, a value of the wrong size, a
+    mask value other than 0/1, or a label that contradicts the task (see :func:`_check_values`) →
     DataError naming the file and the column.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: shard not found")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: not a readable Parquet file: file is empty (0 bytes)")
     try:
         table = pq.read_table(path, columns=list(columns) if columns else None)
     except (pa.ArrowException, OSError) as err:
-        raise DataError(f"{path}: not a readable Parquet file: {err}") from None
+        raise DataError(f"{path}: not a readable Parquet file: {_arrow_detail(err, path)}") from None
     _check_schema(path, table.schema, columns)
+    for name in table.column_names:
+        if name in SCHEMA.names and table.column(name).null_count:
+            raise DataError(f"{path}: column {name!r}: {table.column(name).null_count} null values")
     expect = {"image": image_size * image_size * 3, "mask": 3 * image_size * image_size}
     for name, nbytes in expect.items():
         if name not in table.column_names or table.num_rows == 0:
             continue
-        col = table.column(name)
-        if col.null_count:
-            raise DataError(f"{path}: column {name!r}: {col.null_count} null values")
-        lengths = pc.binary_length(col)
+        lengths = pc.binary_length(table.column(name))
         lo, hi = pc.min(lengths).as_py(), pc.max(lengths).as_py()
         if lo != nbytes or hi != nbytes:
             raise DataError(f"{path}: column {name!r}: values of {lo}..{hi} bytes, expected {nbytes} "
                             f"(image_size {image_size})")
+    if table.num_rows:
+        _check_values(path, table, image_size)
     return table
+
+
+def _first_bad(mask: pa.ChunkedArray | pa.Array) -> int:
+    """Row index of the first True in a boolean array."""
+    return int(np.flatnonzero(np.asarray(mask.to_numpy(zero_copy_only=False)))[0])
+
+
+def _check_values(path: Path, table: pa.Table, image_size: int) -> None:
+    """Check the values a trainer relies on without looking (cheap: vectorised, ~10 ms per 10k rows).
+
+    - ``mask``: every byte 0 or 1 (a 0/255 mask would be a 255× loss);
+    - ``task_id``: a known task id; with ``task``, ``task == TASK_CODES[task_id]``; the file named
+      ``<TASK>.parquet`` holds only that task;
+    - ``class_name``: one of the row's task classes; ``split``: the folder it lies in.
+    """
+    cols = table.column_names
+    if "mask" in cols:
+        row_max = binary_to_array(table.column("mask"), (3 * image_size * image_size,)).max(axis=1)
+        if row_max.max() > 1:
+            row = int(np.argmax(row_max > 1))
+            raise DataError(f"{path}: column 'mask': row {row} has value {int(row_max[row])}, masks hold 0/1")
+    stem = path.stem if path.stem in TASKS else None
+    if "task_id" in cols:
+        tid = table.column("task_id")
+        bad = pc.or_(pc.less(tid, 0), pc.greater_equal(tid, len(TASK_CODES)))
+        if pc.any(bad).as_py():
+            row = _first_bad(bad)
+            raise DataError(f"{path}: column 'task_id': row {row} has {tid[row].as_py()}, task ids are "
+                            f"0..{len(TASK_CODES) - 1}")
+        if stem is not None:
+            bad = pc.not_equal(tid, TASK_CODES.index(stem))
+            if pc.any(bad).as_py():
+                row = _first_bad(bad)
+                raise DataError(f"{path}: column 'task_id': row {row} has {tid[row].as_py()}, the file of task "
+                                f"{stem} holds task id {TASK_CODES.index(stem)}")
+        if "task" in cols:
+            codes = pa.array(TASK_CODES, pa.string())
+            bad = pc.not_equal(table.column("task"), pc.take(codes, tid))
+            if pc.any(bad).as_py():
+                row = _first_bad(bad)
+                raise DataError(f"{path}: column 'task': row {row} has {table.column('task')[row].as_py()!r} but "
+                                f"task_id {tid[row].as_py()} is {TASK_CODES[tid[row].as_py()]!r}")
+    if "class_name" in cols and ("task" in cols or stem is not None):
+        tasks = table.column("task").to_pylist() if "task" in cols else [stem] * table.num_rows
+        for row, (task, cls) in enumerate(zip(tasks, table.column("class_name").to_pylist())):
+            if task not in TASKS:
+                raise DataError(f"{path}: column 'task': row {row} has unknown task {task!r}")
+            if cls not in TASKS[task]:
+                raise DataError(f"{path}: column 'class_name': row {row} has {cls!r}, not a class of task {task} "
+                                f"({', '.join(TASKS[task])})")
+    if "split" in cols:
+        want = path.parent.name if path.parent.name in SPLITS else None
+        allowed = pa.array([want] if want else list(SPLITS), pa.string())
+        bad = pc.invert(pc.is_in(table.column("split"), value_set=allowed))
+        if pc.any(bad).as_py():
+            row = _first_bad(bad)
+            raise DataError(f"{path}: column 'split': row {row} has {table.column('split')[row].as_py()!r}, "
+                            f"expected {' or '.join(repr(a) for a in allowed.to_pylist())}")
 
 
 def binary_to_array(col: pa.ChunkedArray | pa.Array, shape: tuple[int, ...]) -> np.ndarray:
@@ -419,6 +516,7 @@ def dataset_summary(root: str | Path) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["FORMAT_VERSION", "MANIFEST", "SCHEMA", "Manifest", "binary_to_array", "check_shard_schema", "config_key", "content_hash",
+__all__ = ["FORMAT_VERSION", "MANIFEST", "SCHEMA", "Manifest", "binary_to_array", "check_dataset", "check_shard_schema",
+           "config_key", "content_hash",
            "dataset_summary", "prepare_dataset", "read_manifest", "read_shard", "shard_path", "source_info",
            "validate_dataset"]

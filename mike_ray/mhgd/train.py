@@ -54,7 +54,9 @@ __all__ = [
     "METHODS",
     "EpochCallback",
     "FrozenTeacher",
+    "LocalTeachers",
     "MHGDConfig",
+    "TeacherSet",
     "TeacherTargets",
     "clipped_multitask_grads",
     "evaluate",
@@ -62,8 +64,10 @@ __all__ = [
     "run_method",
     "teacher_outputs",
     "teacher_targets",
+    "frozen_teacher",
     "train_heads",
     "train_teacher_classifier",
+    "train_teacher_heads",
 ]
 
 Method = Literal["student", "soft_logits", "fsp", "ab", "kdsvd", "mhgd"]
@@ -265,6 +269,52 @@ def teacher_outputs(teacher: FrozenTeacher, x: Tensor, method: str) -> TeacherTa
     raise ConfigError(f"method: unknown method {method!r} (known: {', '.join(METHODS)})")
 
 
+class TeacherSet:
+    """The teachers as the student's loop sees them: a batch in, one :class:`TeacherTargets` per teacher out.
+
+    :class:`LocalTeachers` runs them in this process; :class:`mike_ray.mhgd.shard.ShardTeachers` on Ray
+    actors (each shard returns its teachers' targets, no gradient). With several teachers every
+    transfer loss is the **sum** over teachers (one set of phase-1 heads, AB connectors, … per teacher),
+    like MIKE's sum over teachers: each teacher adds its own relational constraint at the same weight.
+    """
+
+    names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def outputs(self, x: Tensor, method: str) -> list[TeacherTargets]:
+        """Per teacher, :func:`teacher_outputs` of ``method`` for batch ``x`` ``[B,3,S,S]``."""
+        raise NotImplementedError
+
+    def probe(self, x: Tensor) -> list[tuple[list[Tensor], Tensor | None]]:
+        """Per teacher, ``(features per sensing point, logits or None)`` of a small batch (shape checks)."""
+        raise NotImplementedError
+
+
+class LocalTeachers(TeacherSet):
+    """Frozen teachers in this process (on the student's device)."""
+
+    def __init__(self, teachers: Sequence[FrozenTeacher], names: Sequence[str] | None = None) -> None:
+        if not teachers:
+            raise ModelError("teachers: at least one teacher is required")
+        self.teachers = list(teachers)
+        self.names = list(names) if names is not None else [f"teacher{i}" for i in range(len(self.teachers))]
+
+    def outputs(self, x: Tensor, method: str) -> list[TeacherTargets]:
+        return [teacher_outputs(t, x, method) for t in self.teachers]
+
+    @torch.no_grad()
+    def probe(self, x: Tensor) -> list[tuple[list[Tensor], Tensor | None]]:
+        return [t(x) for t in self.teachers]
+
+
+def frozen_teacher(cfg: "MHGDConfig", model: nn.Module) -> FrozenTeacher:
+    """``model`` frozen and tapped where ``cfg.method`` reads it (sensing points, or the logits)."""
+    soft = cfg.method == "soft_logits"
+    return FrozenTeacher(model, [] if soft else cfg.sensing_points, cfg.logits_tap, with_logits=soft)
+
+
 # --------------------------------------------------------------------------------------------
 # Student side
 
@@ -463,42 +513,61 @@ def train_heads(cfg: MHGDConfig | Mapping[str, Any], teacher: FrozenTeacher, tra
     Reports ``loss/phase1/train`` (and per module ``loss/phase1/train/m<m>``) for epochs 0 … P−1.
 
     Returns the heads, **frozen** (inference-mode batch norm with phase 1's running statistics, no
-    parameter gradients), and the history records.
+    parameter gradients), and the history records. (:func:`train_teacher_heads` does the same for a
+    :class:`TeacherSet` of one or more teachers.)
     """
     cfg = _as_config(cfg)
     device = next(teacher.parameters()).device
     history = [] if history is None else history
+    heads = train_teacher_heads(cfg, LocalTeachers([teacher]), train_ds, device, on_epoch, history)
+    return heads[0], history
+
+
+def train_teacher_heads(cfg: MHGDConfig, teachers: TeacherSet, train_ds: Any, device: torch.device,
+                        on_epoch: EpochCallback | None, history: list[dict[str, float]]) -> nn.ModuleList:
+    """Phase 1 for every teacher of ``teachers`` at once: ``heads[t][m]`` for teacher t, module m.
+
+    The teachers' phase-1 losses are summed into one optimiser step; their heads share nothing, so
+    this equals training each teacher's heads alone. Metrics: ``loss/phase1/train`` (the sum) and,
+    per teacher and module, ``loss/phase1/train/m<m>`` (one teacher) or ``…/<teacher>/m<m>``.
+    """
     loader = _train_loader(train_ds, cfg)
-    # the module widths come from the teacher's sensing points (one dummy batch)
+    # the module widths come from the teachers' sensing points (one dummy batch)
     c, h, w = _image_shape(train_ds)
-    probe = teacher_targets(teacher, torch.zeros(2, c, h, w, device=device))
-    chans = [int(v.shape[1]) for v in probe]
-    heads = nn.ModuleList(MultiHeadGraph(chans[m], chans[m + 1], cfg.num_heads, cfg.head_dropout)
-                          for m in range(len(chans) - 1)).to(device)
+    probe = teachers.outputs(torch.zeros(2, c, h, w, device=device), "mhgd")
+    heads = nn.ModuleList()
+    for tt in probe:
+        chans = [int(v.shape[1]) for v in tt.vectors]
+        heads.append(nn.ModuleList(MultiHeadGraph(chans[m], chans[m + 1], cfg.num_heads, cfg.head_dropout)
+                                   for m in range(len(chans) - 1)))
+    heads = heads.to(device)
     opt = _sgd(heads.parameters(), cfg.phase1_lr, cfg, cfg.phase1_weight_decay)
     heads.train()
+    names = [""] if len(teachers) == 1 else [f"{n}/" for n in teachers.names]
     for epoch in range(cfg.phase1_epochs):
         t0 = time.perf_counter()
         _set_epoch(train_ds, epoch)
         acc: dict[str, list[float]] = defaultdict(list)
         for batch in loader:
             x, _ = _xy(batch, device)
-            vt = teacher_targets(teacher, x)
-            losses = [head.phase1_loss(vt[m], vt[m + 1]) for m, head in enumerate(heads)]
-            loss = torch.stack(losses).sum()
+            targets = [tt.to(device) for tt in teachers.outputs(x, "mhgd")]
+            losses = {f"{names[t]}m{m}": head.phase1_loss(tt.vectors[m], tt.vectors[m + 1])
+                      for t, tt in enumerate(targets) for m, head in enumerate(heads[t])}
+            loss = torch.stack(list(losses.values())).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             acc["loss/phase1/train"].append(_finite(loss, "mhgd phase-1 loss", epoch))
-            for m, lm in enumerate(losses):
-                acc[f"loss/phase1/train/m{m}"].append(float(lm.detach()))
+            for k, lm in losses.items():
+                acc[f"loss/phase1/train/{k}"].append(float(lm.detach()))
         metrics = _mean(acc)
         metrics["lr"] = cfg.phase1_lr
         metrics["time/epoch_s"] = time.perf_counter() - t0
         _emit(history, on_epoch, epoch, metrics)
-    for head in heads:
-        head.freeze()
-    return heads, history
+    for per_teacher in heads:
+        for head in per_teacher:
+            head.freeze()
+    return heads
 
 
 # --------------------------------------------------------------------------------------------
@@ -506,15 +575,16 @@ def train_heads(cfg: MHGDConfig | Mapping[str, Any], teacher: FrozenTeacher, tra
 
 
 def _init_stage(cfg: MHGDConfig, method: str, student: TappedModel, points: list[str], ab_points: list[str],
-                teacher: FrozenTeacher, train_ds: Any, device: torch.device, on_epoch: EpochCallback | None,
+                teachers: TeacherSet, train_ds: Any, device: torch.device, on_epoch: EpochCallback | None,
                 history: list[dict[str, float]]) -> None:
-    """Train the student (and AB's connectors) on the distillation loss alone for ``init_stage_epochs``."""
+    """Train the student (and AB's connectors, one set per teacher) on the distillation loss alone for
+    ``init_stage_epochs``; with several teachers the losses are summed."""
     epochs = cfg.init_stage_epochs
     if epochs == 0:
         return
     loader = _train_loader(train_ds, cfg)
     extra: list[nn.Parameter] = []
-    connectors: ABConnectors | None = None
+    connectors: nn.ModuleList | None = None
     if method == "ab":
         c, h, w = _image_shape(train_ds)
         with torch.no_grad():
@@ -522,9 +592,9 @@ def _init_stage(cfg: MHGDConfig, method: str, student: TappedModel, points: list
             student.eval()
             s_out = student(torch.zeros(2, c, h, w, device=device))
             student.train(was)
-            t_feats, _ = teacher(torch.zeros(2, c, h, w, device=device))
-        connectors = ABConnectors([int(s_out[p].shape[1]) for p in ab_points],
-                                  [int(f.shape[1]) for f in t_feats]).to(device)
+            probes = teachers.probe(torch.zeros(2, c, h, w, device=device))
+        connectors = nn.ModuleList(ABConnectors([int(s_out[p].shape[1]) for p in ab_points],
+                                                [int(f.shape[1]) for f in t_feats]) for t_feats, _ in probes).to(device)
         extra = list(connectors.parameters())
     opt = _sgd(list(student.parameters()) + extra, cfg.lr, cfg, cfg.weight_decay)
     student.train()
@@ -536,13 +606,14 @@ def _init_stage(cfg: MHGDConfig, method: str, student: TappedModel, points: list
         acc: dict[str, list[float]] = defaultdict(list)
         for batch in loader:
             x, _ = _xy(batch, device)
-            tt = teacher_outputs(teacher, x, method)
+            targets = [tt.to(device) for tt in teachers.outputs(x, method)]
             out = student(x)
             if method == "fsp":
-                loss = fsp_distill_loss([out[p] for p in points], tt.fsp, cfg.fsp_weight)
+                loss = sum(fsp_distill_loss([out[p] for p in points], tt.fsp, cfg.fsp_weight) for tt in targets)
             else:
                 assert connectors is not None
-                loss = ab_distill_loss(connectors([out[p] for p in ab_points]), tt.on, cfg.ab_weight, cfg.ab_margin)
+                loss = sum(ab_distill_loss(conn([out[p] for p in ab_points]), tt.on, cfg.ab_weight, cfg.ab_margin)
+                           for conn, tt in zip(connectors, targets))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -558,7 +629,7 @@ def _init_stage(cfg: MHGDConfig, method: str, student: TappedModel, points: list
 
 
 def _fit(cfg: MHGDConfig, method: str, tapped: TappedModel, points: list[str], train_ds: Any, val_ds: Any,
-         device: torch.device, epochs: int, epoch_offset: int, teacher: FrozenTeacher | None,
+         device: torch.device, epochs: int, epoch_offset: int, teachers: TeacherSet | None,
          heads: nn.ModuleList | None, on_epoch: EpochCallback | None,
          history: list[dict[str, float]]) -> dict[str, Any]:
     loader = _train_loader(train_ds, cfg)
@@ -575,21 +646,25 @@ def _fit(cfg: MHGDConfig, method: str, tapped: TappedModel, points: list[str], t
         correct = seen = 0
         for batch in loader:
             x, y = _xy(batch, device)
-            tt = teacher_outputs(teacher, x, method) if (teacher is not None and method != "student") else None
+            targets = ([tt.to(device) for tt in teachers.outputs(x, method)]
+                       if (teachers is not None and method != "student") else None)
             out = tapped(x)
             logits = out[cfg.logits_tap]
             ce = F.cross_entropy(logits, y)
             _finite(ce, f"{method} cross-entropy", epoch)
             opt.zero_grad(set_to_none=True)
             if method in _CLIPPED:
-                assert tt is not None
+                assert targets is not None
                 feats = [out[p] for p in points]
+                # several teachers: their transfer losses are summed (TeacherSet)
                 if method == "mhgd":
                     assert heads is not None
-                    transfer = mhgd_transfer_loss(list(heads), feats, tt.vectors, cfg.svd_candidates)
+                    transfer = sum(mhgd_transfer_loss(list(hs), feats, tt.vectors, cfg.svd_candidates)
+                                   for hs, tt in zip(heads, targets))
                     clip_epoch, clip_p1 = float(epoch), float(epoch_offset)   # sigmoid(e), e = student epoch
                 else:
-                    transfer = kdsvd_distill_loss(feats, tt.vectors, tt.sigmas, cfg.svd_candidates)
+                    transfer = sum(kdsvd_distill_loss(feats, tt.vectors, tt.sigmas, cfg.svd_candidates)
+                                   for tt in targets)
                     clip_epoch, clip_p1 = float(e), 0.0                      # the authors' KD-SVD ramp
                 acc["loss/train/transfer"].append(_finite(transfer, f"{method} transfer loss", epoch))
                 grads, stats = clipped_multitask_grads(ce, transfer, params, clip_epoch, clip_p1)
@@ -599,8 +674,8 @@ def _fit(cfg: MHGDConfig, method: str, tapped: TappedModel, points: list[str], t
                     acc[f"grad/{k}"].append(v)
                 acc["loss/train/total"].append(float(ce.detach() + transfer.detach()))
             elif method == "soft_logits":
-                assert tt is not None and tt.logits is not None
-                kd = soft_logits_loss(logits, tt.logits, cfg.temperature)
+                assert targets is not None
+                kd = sum(soft_logits_loss(logits, tt.logits, cfg.temperature) for tt in targets)
                 loss = ce + cfg.soft_weight * kd
                 acc["loss/train/transfer"].append(_finite(kd, "soft-logits loss", epoch))
                 acc["loss/train/total"].append(float(loss.detach()))
@@ -633,23 +708,29 @@ def _ab_points(cfg: MHGDConfig, student: nn.Module) -> list[str]:
     return [f"{p}.body" if f"{p}.body" in names else p for p in cfg.points_student]
 
 
-def _check_channels(cfg: MHGDConfig, teacher: FrozenTeacher, student: TappedModel, points: list[str],
+def _check_channels(cfg: MHGDConfig, teachers: TeacherSet, student: TappedModel, points: list[str],
                     shape: tuple[int, int, int], device: torch.device) -> None:
     """Equal channels (and, for FSP/AB, resolutions) at the sensing points; one dummy batch each."""
     x = torch.zeros(2, *shape, device=device)
     with torch.no_grad():
-        t_feats, _ = teacher(x)
+        probes = teachers.probe(x)
         was = student.training
         student.eval()
         s_out = student(x)
         student.train(was)
+    for (t_feats, _), tname in zip(probes, teachers.names):
+        _check_pairs(cfg, s_out, points, t_feats, tname if len(teachers) > 1 else "teacher")
+
+
+def _check_pairs(cfg: MHGDConfig, s_out: Mapping[str, Tensor], points: list[str], t_feats: Sequence[Tensor],
+                 tname: str) -> None:
     for pt, ps, ft in zip(cfg.sensing_points, points, t_feats):
         fs = s_out[ps]
         if fs.shape[1] != ft.shape[1]:
             raise ModelError(f"{cfg.method}: teacher and student need equal channels at each sensing point: "
-                             f"teacher '{pt}' has {ft.shape[1]}, student '{ps}' has {fs.shape[1]}")
+                             f"{tname} '{pt}' has {ft.shape[1]}, student '{ps}' has {fs.shape[1]}")
         if cfg.method == "fsp" and fs.shape[2:] != ft.shape[2:]:
-            raise ModelError(f"fsp: teacher '{pt}' is {tuple(ft.shape[2:])}, student '{ps}' {tuple(fs.shape[2:])}: "
+            raise ModelError(f"fsp: {tname} '{pt}' is {tuple(ft.shape[2:])}, student '{ps}' {tuple(fs.shape[2:])}: "
                              f"sensing points must have equal resolution")
 
 
@@ -681,15 +762,17 @@ def train_teacher_classifier(cfg: MHGDConfig | Mapping[str, Any], train_ds: Any,
     return model, {**res, "history": history}
 
 
-def run_method(cfg: MHGDConfig | Mapping[str, Any], teacher_model: nn.Module | None, train_ds: Any, val_ds: Any,
+def run_method(cfg: MHGDConfig | Mapping[str, Any],
+               teacher_model: nn.Module | Sequence[nn.Module] | TeacherSet | None, train_ds: Any, val_ds: Any,
                on_epoch: EpochCallback | None = None, *, return_model: bool = False) -> dict[str, Any]:
     """Train a student from ``cfg.student`` with ``cfg.method``, distilling from ``teacher_model``.
 
     Args:
         cfg: the run (a :class:`MHGDConfig` or its dict).
         teacher_model: a trained classifier tapped at ``cfg.sensing_points`` / ``cfg.logits_tap``;
-            frozen in place (eval mode, no parameter gradients) and moved to the run's device.
-            Unused (may be None) for ``method="student"``.
+            frozen in place (eval mode, no parameter gradients) and moved to the run's device. Or
+            several (a list: their transfer losses are summed), or a :class:`TeacherSet` built for
+            ``cfg.method`` (e.g. teachers on Ray shards). Unused (may be None) for ``method="student"``.
         train_ds, val_ds: datasets whose items/batches are ``{"image", "label"}`` (e.g.
             :class:`~mike_ray.data.classification.ClassificationDataset`; ``train_ds`` augmented).
         on_epoch: called after every epoch (phase 1 / initialisation epochs included).
@@ -719,29 +802,25 @@ def run_method(cfg: MHGDConfig | Mapping[str, Any], teacher_model: nn.Module | N
         ab_points = _ab_points(cfg, student) if method == "ab" else []
         student_taps = list(dict.fromkeys((points if method != "student" else []) + ab_points + [cfg.logits_tap]))
         tapped = TappedModel(student, student_taps, name="student")
-        teacher: FrozenTeacher | None = None
+        teacher: TeacherSet | None = None
         if method != "student":
-            if teacher_model is None:
-                raise ConfigError(f"method: '{method}' needs a teacher model")
-            teacher = FrozenTeacher(teacher_model.to(device), cfg.sensing_points if method != "soft_logits" else [],
-                                    cfg.logits_tap, with_logits=method == "soft_logits")
+            teacher = _teacher_set(cfg, teacher_model, device)
         shape = _image_shape(train_ds)
         if method in _NEEDS_PAIRS:
             assert teacher is not None
             _check_channels(cfg, teacher, tapped, points, shape, device)
         if method == "soft_logits":
             assert teacher is not None
-            with torch.no_grad():
-                _, tl = teacher(torch.zeros(2, *shape, device=device))
-            if tl is None or tl.shape[1] != num_classes:
-                raise ModelError(f"soft_logits: teacher logits have {None if tl is None else tl.shape[1]} classes, "
-                                 f"student {num_classes}")
+            for (_, tl), tname in zip(teacher.probe(torch.zeros(2, *shape, device=device)), teacher.names):
+                if tl is None or tl.shape[1] != num_classes:
+                    raise ModelError(f"soft_logits: {tname} logits have {None if tl is None else tl.shape[1]} "
+                                     f"classes, student {num_classes}")
 
         offset = 0
         heads: nn.ModuleList | None = None
         if method == "mhgd":
             assert teacher is not None
-            heads, _ = train_heads(cfg, teacher, train_ds, on_epoch, history=history)
+            heads = train_teacher_heads(cfg, teacher, train_ds, device, on_epoch, history)
             offset = cfg.phase1_epochs
         elif method in ("fsp", "ab"):
             assert teacher is not None
@@ -755,3 +834,15 @@ def run_method(cfg: MHGDConfig | Mapping[str, Any], teacher_model: nn.Module | N
     if return_model:
         out["student"] = student.eval()
     return out
+
+
+def _teacher_set(cfg: MHGDConfig, teacher: nn.Module | Sequence[nn.Module] | TeacherSet | None,
+                 device: torch.device) -> TeacherSet:
+    if teacher is None:
+        raise ConfigError(f"method: '{cfg.method}' needs a teacher model")
+    if isinstance(teacher, TeacherSet):
+        return teacher
+    models = [teacher] if isinstance(teacher, nn.Module) else list(teacher)
+    if not models:
+        raise ConfigError(f"method: '{cfg.method}' needs a teacher model")
+    return LocalTeachers([frozen_teacher(cfg, m.to(device)) for m in models])

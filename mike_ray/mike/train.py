@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
-from mike_ray.config_base import StrictModel
-from mike_ray.errors import TrainingError
+from mike_ray.config_base import StrictModel, format_validation_error
+from mike_ray.errors import ModelError, TrainingError, one_line
 from mike_ray.mike.schedules import ScheduleConfig, make_schedule, progress_at
 from mike_ray.utils import limit_threads, seed_everything
 
@@ -42,6 +42,65 @@ class TransferConfig(StrictModel):
     threads: int = Field(1, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     val_batches: int | None = Field(None, gt=0)  # cap on validation batches (None: all)
+
+
+class CheckpointState(BaseModel):
+    """What ``state.pt`` of a transfer checkpoint holds (written at the end of every epoch)."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    model: dict[str, torch.Tensor]          # the autoencoder's state_dict
+    optimizer: dict[str, Any]               # torch.optim state_dict: {"state": ..., "param_groups": [...]}
+    schedule: dict[str, Any]                # the teacher schedule's state ({} for the pixel method)
+    epoch: StrictInt = Field(ge=0)          # the last finished epoch
+    step: StrictInt = Field(ge=0)
+    history: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("optimizer")
+    @classmethod
+    def _optimizer_state(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(v.get("state"), dict) or not isinstance(v.get("param_groups"), list):
+            raise ValueError("optimizer: must be an optimizer state_dict with 'state' and 'param_groups'")
+        return v
+
+
+def load_checkpoint(path: str | Path) -> CheckpointState:
+    """Read and validate a transfer checkpoint file (``weights_only=True``: tensors and containers only).
+
+    Raises:
+        ModelError: ``<path>: ...`` for a missing, damaged or foreign file, or ``<path>: <field>: ...``
+            for a missing or ill-typed field.
+    """
+    from mike_ray.models.registry import load_torch_file
+
+    raw = load_torch_file(path, "checkpoint file")
+    if not isinstance(raw, dict):
+        raise ModelError(f"{path}: not a transfer checkpoint (a {type(raw).__name__}, expected a dict with "
+                         f"{', '.join(CheckpointState.model_fields)})")
+    try:
+        return CheckpointState.model_validate(raw)
+    except ValidationError as err:
+        raise ModelError(format_validation_error(err, CheckpointState, str(path))) from None
+
+
+def _resume(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, schedule: Any) -> CheckpointState:
+    """Load checkpoint ``path`` into the model, optimizer and schedule; a misfit is a one-line ModelError."""
+    from mike_ray.models.registry import check_state_dict
+
+    state = load_checkpoint(path)
+    check_state_dict(model, state.model, path, field="model")
+    model.load_state_dict(state.model)
+    try:
+        opt.load_state_dict(state.optimizer)
+    except (ValueError, KeyError, RuntimeError) as err:  # torch: group/parameter count mismatch
+        raise ModelError(f"{path}: optimizer: does not fit this model's optimizer: {one_line(str(err))}") from None
+    if schedule is not None:
+        try:
+            schedule.load_state_dict(state.schedule)
+        except (ValueError, KeyError, TypeError) as err:
+            raise ModelError(f"{path}: schedule: does not fit this run's schedule: "
+                             f"{one_line(f'{type(err).__name__}: {err}')}") from None
+    return state
 
 
 def _avg(acc: dict[str, list[float]]) -> dict[str, float]:
@@ -90,13 +149,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / CKPT_FILE, map_location="cpu", weights_only=True)
-        _unwrap(model).load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if schedule is not None:
-            schedule.load_state_dict(state["schedule"])
-        start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
-        history = list(state.get("history", []))
+            state = _resume(Path(d) / CKPT_FILE, _unwrap(model), opt, schedule)
+        start_epoch, step = state.epoch + 1, state.step
+        history = list(state.history)
     else:
         history = []
 

@@ -15,6 +15,9 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+import pickle
+import re
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal, Any
@@ -30,7 +33,8 @@ from mike_ray.models.autoencoder import AutoEncoder
 from mike_ray.models.classifiers import mobilenet_cifar, resnet_cifar, vgg_cifar, wrn
 from mike_ray.models.segmenter import Segmenter
 
-__all__ = ["ModelSpec", "available_archs", "build_model", "load_weights", "save_weights"]
+__all__ = ["ModelSpec", "available_archs", "build_model", "check_state_dict", "load_torch_file", "load_weights",
+           "save_weights"]
 
 # Our own architectures and the spec fields each accepts.
 _CUSTOM: dict[str, tuple[Callable[..., nn.Module], tuple[str, ...]]] = {
@@ -164,6 +168,70 @@ def save_weights(model: nn.Module, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
+def load_torch_file(path: str | Path, what: str = "weights file") -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with one-line errors.
+
+    ``weights_only=True`` refuses any pickled object other than tensors and plain containers, so a
+    foreign or malicious ``.pt`` file is an error, never code that runs. Torch's warnings (e.g. about
+    an unusual pickle protocol) are silenced: the caller reports the outcome in one line.
+
+    Raises:
+        ModelError: ``<path>: ...`` for a missing, empty, truncated or foreign file, or one holding a
+            pickled object that ``weights_only`` refuses (the refused global is named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: {what} not found")
+    if path.stat().st_size == 0:
+        raise ModelError(f"{path}: not a readable {what}: file is empty (0 bytes)")
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    # torch.save writes a zip archive ("PK"); old torch and plain pickles start with the PROTO opcode
+    zipped = head == b"PK"
+    if not zipped and head[:1] != b"\x80":
+        raise ModelError(f"{path}: not a readable {what}: neither a torch.save zip archive nor a pickle "
+                         f"(starts with {head!r})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message is a multi-paragraph advice text; the refused global/opcode is the useful part
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed global| Please use|\n\n|$)",
+                          str(err), re.S)
+        why = one_line(found.group(1)) if found else "a pickled object other than tensors"
+        raise ModelError(f"{path}: not a readable {what}: refused by torch.load(weights_only=True): {why[:160]}") \
+            from None
+    except Exception as err:  # noqa: BLE001 - zip/unpickling errors of a damaged or foreign file
+        detail = one_line(str(err)).split(". ")[0][:160] or type(err).__name__
+        damaged = "truncated or damaged zip archive, " if zipped else ""
+        raise ModelError(f"{path}: not a readable {what}: {damaged}{type(err).__name__}: {detail}") from None
+
+
+def check_state_dict(model: nn.Module, state: Any, path: str | Path, *, name: str | None = None,
+                     field: str = "") -> None:
+    """Raise :class:`ModelError` unless ``state`` is a state dict that fits ``model`` exactly.
+
+    ``field`` names where the state dict sits inside the file (``"model"`` in a trainer checkpoint),
+    so the message reads ``<path>: model: does not fit ...``.
+    """
+    label = name or type(model).__name__
+    where = f"{path}: {field}: " if field else f"{path}: "
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{where}not a state dict (a mapping of parameter names to tensors)")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        parts = ([f"missing {len(missing)} keys (e.g. '{missing[0]}')"] if missing else []) + \
+                ([f"{len(unexpected)} unexpected (e.g. '{unexpected[0]}')"] if unexpected else [])
+        raise ModelError(f"{where}does not fit model '{label}': {', '.join(parts)}")
+    for k, v in own.items():
+        if state[k].shape != v.shape:
+            raise ModelError(f"{where}does not fit model '{label}': '{k}' has shape "
+                             f"{tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model")
+
+
 def load_weights(model: nn.Module, path: str | Path, *, name: str | None = None) -> nn.Module:
     """Load a state dict saved by :func:`save_weights` into ``model`` (``weights_only=True``, strict).
 
@@ -177,22 +245,7 @@ def load_weights(model: nn.Module, path: str | Path, *, name: str | None = None)
     label = name or type(model).__name__
     if not path.is_file():
         raise ModelError(f"{path}: weights file not found (model '{label}')")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - unpickling/zip errors of a damaged or foreign file
-        raise ModelError(f"{path}: not a readable weights file: {one_line(str(err))[:200]}") from None
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelError(f"{path}: not a state dict (a mapping of parameter names to tensors)")
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        parts = ([f"missing {len(missing)} keys (e.g. '{missing[0]}')"] if missing else []) + \
-                ([f"{len(unexpected)} unexpected (e.g. '{unexpected[0]}')"] if unexpected else [])
-        raise ModelError(f"{path}: does not fit model '{label}': {', '.join(parts)}")
-    for k, v in own.items():
-        if state[k].shape != v.shape:
-            raise ModelError(f"{path}: does not fit model '{label}': '{k}' has shape "
-                             f"{tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model")
+    state = load_torch_file(path, "weights file")
+    check_state_dict(model, state, path, name=label)
     model.load_state_dict(state)
     return model

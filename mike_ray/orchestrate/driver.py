@@ -28,18 +28,33 @@ class SweepSummary:
     parent_run_id: str
     teachers: dict[str, dict[str, float]] = field(default_factory=dict)
     trials: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    family: str = "mike"
+
+    def accuracy_table(self) -> str:
+        """MHGD: the Markdown accuracy table (teachers first, then each configuration's mean ± std)."""
+        from mike_ray.report.tables import accuracy_table
+
+        return accuracy_table(self.trials, {n: t["best_acc"] for n, t in self.teachers.items()}, self.failed)
 
     def report(self) -> str:
         lines = [f"sweep '{self.name}'", f"  outputs:       {self.output}",
                  f"  data:          {self.data_root}", f"  teacher zoo:   {self.zoo_dir}"]
-        if self.teachers:
+        if self.family == "mhgd":
+            from mike_ray.report.tables import accuracy_table
+
+            lines.append("  val accuracy, mean ± std over seeds:")
+            lines += ["    " + ln for ln in self.accuracy_table().splitlines()]
+        elif self.teachers:
             lines.append("  teachers (val mIoU | untrained | chance):")
             for name, t in self.teachers.items():
                 lines.append(f"    {name:4s} {t['val_miou']:.3f} | {t['untrained_miou']:.3f} | {t['chance_miou']:.3f}")
-        if self.trials:
+        if self.trials and self.family == "mike":
             from mike_ray.report.tables import trial_table
 
             lines.append(trial_table(self.trials))
+        for f in self.failed:
+            lines.append(f"  FAILED trial {f['trial_id']} ({f['method']}, seed {f['seed']}): {f.get('reason', '')}")
         lines += [f"  MLflow store:  {self.tracking.uri}  (experiment '{self.tracking.experiment}', "
                   f"parent run {self.parent_run_id})",
                   f"  open the UI:   {self.tracking.ui_hint()}"]
@@ -59,13 +74,21 @@ def trial_plan(cfg: SweepConfig) -> str:
     """Human-readable plan for ``--dry-run``."""
     s = cfg.study
     dims = {k: v for k, v in cfg.search.model_dump().items() if v is not None}
-    lines = [f"plan: {s.trials} Optuna trial(s) × {s.repeats} seed(s), concurrency {s.concurrency}, "
-             f"objective {s.objective} ({s.direction}), method {cfg.method}",
+    if s.algorithm == "grid":
+        import math as _m
+
+        n = _m.prod(len(v) for _, v in cfg.search if v is not None)
+        head = f"plan: grid of {n} configuration(s) × {s.repeats} seed(s)"
+    else:
+        head = f"plan: {s.trials} Optuna trial(s) × {s.repeats} seed(s)"
+    lines = [f"{head}, concurrency {s.concurrency}, objective {s.objective} ({s.direction}), method {cfg.method}",
              f"  search: {dims or 'nothing (fixed settings)'}",
              f"  teacher subsets: {({k: cfg.subset(k) for k in cfg.teacher_subsets})}"]
     if s.baselines and cfg.method == "mike":
         subsets = cfg.search.teacher_subset or [next(iter(cfg.teacher_subsets))]
         lines.append(f"  + {len(subsets) * s.repeats} pixel baseline(s): one per searched teacher subset and seed")
+    elif s.baselines and cfg.family == "mhgd" and "student" not in (cfg.search.method or [cfg.method]):
+        lines.append(f"  + {s.repeats} student-alone baseline(s): one per seed")
     return "\n".join(lines)
 
 
@@ -96,23 +119,33 @@ def run_sweep(cfg: SweepConfig, sweep_file: str | Path, resume: bool = False) ->
         from mike_ray.tracking import RunLogger
 
         logger = RunLogger(client, parent_id)
-        logger.params(cfg.model_dump(mode="json"))
-        logger.dict_artifact(cfg.model_dump(mode="json"), "resolved_config.json")
+        logger.params(cfg.resolved())
+        logger.dict_artifact(cfg.resolved(), "resolved_config.json")
     else:
         client.update_run(parent_id, status="RUNNING")
 
     status = "FAILED"
     try:
         # --- stages: built once, keyed by config, re-used by every trial -----------------------
-        data_root = ensure_data(cfg.data, out)
-        zoo_dir = ensure_zoo(cfg.zoo, data_root, out, tracking, parent_id)
-        summary = SweepSummary(cfg.name, out, data_root, zoo_dir, tracking, parent_id)
-        summary.teachers = _teacher_table(zoo_dir)
+        needs_data = cfg.family == "mike" or cfg.classification.source == "crops"
+        data_root = ensure_data(cfg.data, out) if needs_data else None
+        if cfg.family == "mike":
+            zoo_dir = ensure_zoo(cfg.zoo, data_root, out, tracking, parent_id)
+        else:
+            from mike_ray.orchestrate.stages import ensure_classifier_zoo
+
+            zoo_dir = ensure_classifier_zoo(cfg.classifier_zoo, cfg.classification, data_root, out, tracking, parent_id)
+        summary = SweepSummary(cfg.name, out, data_root, zoo_dir, tracking, parent_id, family=cfg.family)
+        summary.teachers = _teacher_table(zoo_dir) if cfg.family == "mike" else _classifier_table(zoo_dir)
         # --- trials ------------------------------------------------------------------------------
-        from mike_ray.orchestrate.tuning import run_trials
+        from mike_ray.orchestrate.tuning import load_failed, run_trials
 
         summary.trials = run_trials(cfg, data_root, zoo_dir, tracking, parent_id, resume=resume)
-        _log_sweep_summary(client, parent_id, summary)
+        summary.failed = load_failed(out / "sweeps" / cfg.name)
+        if cfg.family == "mike":
+            _log_sweep_summary(client, parent_id, summary)
+        else:
+            _log_accuracy_summary(client, parent_id, summary)
         status = "FINISHED"
         return summary
     finally:
@@ -128,6 +161,33 @@ def _teacher_table(zoo_dir: Path) -> dict[str, dict[str, float]]:
         table[name] = {"val_miou": rec.val_miou, "untrained_miou": rec.untrained_miou,
                        "chance_miou": sum(chance) / len(chance) if chance else math.nan}
     return table
+
+
+def _classifier_table(zoo_dir: Path) -> dict[str, dict[str, float]]:
+    from mike_ray.mhgd.zoo import read_classifier_zoo
+
+    return {n: {"best_acc": r["best_acc"], "last_acc": r["last_acc"]} for n, r in read_classifier_zoo(zoo_dir).items()}
+
+
+def _log_accuracy_summary(client, parent_id: str, summary: SweepSummary) -> None:
+    """The end of an MHGD sweep: the accuracy table (Markdown + JSON) on the parent run."""
+    import json
+    import tempfile
+
+    from mike_ray.report.tables import accuracy_rows
+
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        (d / "accuracy_table.md").write_text(summary.accuracy_table() + "\n")
+        (d / "accuracy_table.json").write_text(json.dumps(
+            {"rows": accuracy_rows(summary.trials), "teachers": summary.teachers, "trials": summary.trials,
+             "failed": summary.failed}, indent=2, default=str))
+        client.log_artifact(parent_id, str(d / "accuracy_table.md"))
+        client.log_artifact(parent_id, str(d / "accuracy_table.json"))
+    rows = accuracy_rows(summary.trials)
+    if rows:
+        client.log_metric(parent_id, "acc/best_mean_of_best_config", rows[0]["best_mean"] / 100)
+    client.log_metric(parent_id, "trials/failed", float(len(summary.failed)))
 
 
 def _log_sweep_summary(client, parent_id: str, summary: SweepSummary) -> None:

@@ -2,13 +2,14 @@
 
     <output>/data/generated/<key>/     the embedded COCO-format default (annotations + images)
     <output>/data/prepared/<key>/      Parquet shards + manifest
-    <output>/zoo/<key>/                teacher weights + manifests
+    <output>/zoo/<key>/                teacher weights + manifests (MIKE: segmenters)
+    <output>/classifier_zoo/<key>/     teacher weights + manifests (MHGD: classifiers)
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from mike_ray.config import DataConfig
+from mike_ray.config import ClassificationSource, DataConfig
 from mike_ray.data.shards import prepare_dataset
 from mike_ray.tracking import Tracking
 from mike_ray.teachers.zoo import ZooConfig, build_zoo
@@ -58,3 +59,11 @@ def ensure_zoo(cfg: ZooConfig, data_root: Path, out: Path, tracking: Tracking | 
                parent_run_id: str | None = None) -> Path:
     """The teacher zoo for ``cfg`` on ``data_root`` (missing teachers are trained as Ray tasks)."""
     return build_zoo(cfg, data_root, out, tracking=tracking, parent_run_id=parent_run_id)
+
+
+def ensure_classifier_zoo(cfg, source: ClassificationSource, data_root: Path | None, out: Path,
+                          tracking: Tracking | None = None, parent_run_id: str | None = None) -> Path:
+    """The classifier teachers of an MHGD sweep, trained on ``source`` (crops default to ``data_root``)."""
+    from mike_ray.mhgd.zoo import build_classifier_zoo
+
+    return build_classifier_zoo(cfg, source.resolve(data_root), out, tracking=tracking, parent_run_id=parent_run_id)

@@ -119,11 +119,13 @@ def run_transfer(cfg: TransferConfig, teachers: Sequence[TeacherRef], data_root:
             raise TrainingError(f"transfer '{name}' failed: {one_line(str(err))[:300]}") from None
         if result.checkpoint is None:
             raise TrainingError(f"transfer '{name}': finished without a checkpoint")
+        from mike_ray.mike.train import load_checkpoint
+
         with result.checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / CKPT_FILE, map_location="cpu", weights_only=True)
-        return TransferResult(state=state["model"], history=list(state["history"]),
+            state = load_checkpoint(Path(d) / CKPT_FILE)
+        return TransferResult(state=state.model, history=list(state.history),
                               checkpoint_path=result.checkpoint.path,
-                              retries=int(sum(h.get("shard/retries", 0) for h in state["history"])), taps=taps)
+                              retries=int(sum(h.get("shard/retries", 0) for h in state.history)), taps=taps)
     finally:
         if own_shards and shards is not None:
             shards.shutdown()

@@ -43,7 +43,8 @@ class DefineByRun:
 
     def __call__(self, trial) -> dict[str, Any] | None:
         out: dict[str, Any] = {}
-        for name in ("teacher_subset", "embed_channels", "schedule", "pretrain_fraction", "lr"):
+        for name in ("teacher_subset", "method", "embed_channels", "schedule", "pretrain_fraction", "lr",
+                     "num_heads", "phase1_epochs"):
             dim = getattr(self.search, name)
             if dim is not None:
                 out[name] = _suggest(trial, name, dim)
@@ -74,13 +75,19 @@ def _shard_count(cfg: SweepConfig, n_teachers: int) -> int:
     return 1 if per == "all" else math.ceil(n_teachers / int(per))
 
 
-def trial_resources(cfg: SweepConfig, method: str, n_teachers: int):
-    """Placement group of one trial: the driver's bundle + one bundle per teacher shard."""
+def _uses_shards(cfg: SweepConfig, methods: list[str]) -> bool:
+    """Whether a Tuner's trials (with these methods) need teacher shards."""
+    return cfg.resources.placement.mode == "ray" and any(m not in ("pixel", "student") for m in methods)
+
+
+def trial_resources(cfg: SweepConfig, methods: list[str], n_teachers: int):
+    """Placement group of one trial: the driver's bundle + one bundle per teacher shard (when any of
+    the Tuner's ``methods`` needs teachers: a Tuner's trials share one resource shape)."""
     from ray.tune import PlacementGroupFactory
 
     bundles = [{"CPU": max(cfg.resources.trial_cpus, 0.01)}]
     p = cfg.resources.placement
-    if method == "mike" and p.mode == "ray":
+    if _uses_shards(cfg, methods):
         shard = {"CPU": p.cpus_per_shard, **({"GPU": p.gpus_per_shard} if p.gpus_per_shard else {})}
         bundles += [dict(shard) for _ in range(_shard_count(cfg, n_teachers))]
     return PlacementGroupFactory(bundles, strategy="PACK")
@@ -123,7 +130,9 @@ def trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     run.params({"trial": {k: v for k, v in params.items() if not k.startswith("__")},
                 "transfer": tcfg.model_dump(mode="json"), "teachers": ",".join(teachers),
                 "teacher_subset": subset, "downstream": cfg.downstream.model_dump(mode="json")})
-    status = "FAILED"
+    base = {"trial_id": trial_id, "family": "mike", "method": tcfg.method, "subset": subset, "teachers": teachers,
+            "params": {k: v for k, v in params.items() if not k.startswith("__")}, "seed": tcfg.seed,
+            "mlflow_run_id": run.run_id}
     try:
         # --- transfer: shards in this trial's placement group, workers in Train's own -----------
         shards = None
@@ -146,9 +155,7 @@ def trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         dcfg = DownstreamConfig.model_validate({**cfg.downstream.model_dump(), "seed": tcfg.seed})
         teacher_iou = {name: rec.val_miou for name, rec in zoo.items()}
         down = evaluate_downstream(tcfg.model, res.state, ctx["data_root"], dcfg, teacher_iou)
-        record = {"trial_id": trial_id, "method": tcfg.method, "subset": subset, "teachers": teachers,
-                  "params": {k: v for k, v in params.items() if not k.startswith("__")}, "seed": tcfg.seed,
-                  "score": mean_norm_iou(down), "downstream": down, "mlflow_run_id": run.run_id,
+        record = {**base, "status": "finished", "score": mean_norm_iou(down), "downstream": down,
                   "checkpoint": res.checkpoint_path, "retries": res.retries,
                   "transfer_seconds": sum(h.get("time/epoch_seconds", 0.0) for h in res.history),
                   "downstream_seconds": max((d.get("seconds", 0.0) for d in down.values()), default=0.0),
@@ -157,12 +164,27 @@ def trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         run.metrics({k: v for k, v in final.items() if not (isinstance(v, float) and math.isnan(v))})
         _trial_artifacts(run, sweep_dir, record, res, tcfg, ctx["data_root"], query)
         run.client.set_terminated(run.run_id, status="FINISHED")
-        status = "FINISHED"
         write_json_atomic(done, record)  # last: its presence means the trial is complete
         ray.tune.report(final)
-    finally:
-        if status != "FINISHED":
-            run.client.set_terminated(run.run_id, status=status)
+    except BaseException as err:
+        _fail_trial(run, sweep_dir, base, err)
+        raise
+
+
+def _fail_trial(run: RunLogger, sweep_dir: Path, base: dict[str, Any], err: BaseException) -> None:
+    """A trial that raised: its MLflow run ends FAILED with the one-line reason as a tag, and a
+    ``trials/failed/<id>.json`` record keeps it in the sweep's summary. Tune marks the trial ERROR
+    with the same message; the sweep goes on with the other trials."""
+    from mike_ray.errors import MikeRayError, one_line
+
+    reason = one_line(str(err)) if isinstance(err, MikeRayError) else f"{type(err).__name__}: {one_line(str(err))}"
+    try:
+        run.tags({"mike_ray.status": "failed", "mike_ray.failure_reason": reason[:5000]})
+        run.client.set_terminated(run.run_id, status="FAILED")
+        write_json_atomic(sweep_dir / "trials" / "failed" / f"{base['trial_id']}.json",
+                          {**base, "status": "failed", "reason": reason})
+    except Exception:  # noqa: BLE001 - never hide the trial's own error behind a logging one
+        pass
 
 
 def _final_metrics(record: dict[str, Any]) -> dict[str, float]:
@@ -262,46 +284,77 @@ def run_trials(cfg: SweepConfig, data_root: Path, zoo_dir: Path, tracking: Track
     from mike_ray.orchestrate.transfer import query_datasets
     from mike_ray.teachers.zoo import read_zoo
 
-    # query data per teacher subset, built here, outside any trial's placement group
-    zoo = read_zoo(zoo_dir)
-    datasets = {s: query_datasets(data_root, [zoo[t].task for t in cfg.subset(s)]) for s in cfg.teacher_subsets}
-    ctx = {"sweep": cfg.model_dump(mode="json"), "tracking": tracking.__dict__, "parent_id": parent_id,
-           "data_root": str(data_root), "zoo_dir": str(zoo_dir), "sweep_dir": str(sweep_dir),
-           "datasets": datasets}
+    ctx = {"sweep": cfg.resolved(), "tracking": tracking.__dict__, "parent_id": parent_id,
+           "sweep_dir": str(sweep_dir)}
+    if cfg.family == "mike":
+        # query data per teacher subset, built here, outside any trial's placement group
+        zoo = read_zoo(zoo_dir)
+        ctx.update(data_root=str(data_root), zoo_dir=str(zoo_dir), datasets={
+            s: query_datasets(data_root, [zoo[t].task for t in cfg.subset(s)]) for s in cfg.teacher_subsets})
+        fn = trial_fn
+    else:
+        from mike_ray.orchestrate.mhgd_trial import mhgd_trial_fn
+
+        ctx.update(classification=cfg.classification.resolve(data_root).model_dump(mode="json"),
+                   classifier_zoo_dir=str(zoo_dir))
+        fn = mhgd_trial_fn
     study = cfg.study
     n_max = max(len(cfg.subset(s)) for s in cfg.teacher_subsets)
+    seeds = ray.tune.grid_search(list(range(study.repeats)))
 
-    if study.baselines and cfg.method == "mike":
-        subsets = list(cfg.search.teacher_subset or [next(iter(cfg.teacher_subsets))])
-        trainable = ray.tune.with_resources(ray.tune.with_parameters(trial_fn, ctx=ctx),
-                                            trial_resources(cfg, "pixel", 0))
-        space = {"method": "pixel", "teacher_subset": ray.tune.grid_search(subsets),
-                 "__trial_index__": ray.tune.grid_search(list(range(study.repeats)))}
+    # --- baselines: MIKE → a pixel autoencoder per searched subset and seed; MHGD → the student alone
+    base_method = "pixel" if cfg.family == "mike" else "student"
+    searched_methods = list(cfg.search.method or [cfg.method])
+    if study.baselines and base_method not in searched_methods:
+        space: dict[str, Any] = {"method": base_method, "__trial_index__": seeds}
+        if cfg.family == "mike":
+            space["teacher_subset"] = ray.tune.grid_search(list(cfg.search.teacher_subset or
+                                                                [next(iter(cfg.teacher_subsets))]))
+        trainable = ray.tune.with_resources(ray.tune.with_parameters(fn, ctx=ctx),
+                                            trial_resources(cfg, [base_method], 0))
         tuner = _tuner(cfg, trainable, "baselines", storage,
                        ray.tune.TuneConfig(max_concurrent_trials=study.concurrency), space, resume)
         _check(tuner.fit(), "baselines")
 
-    searcher = OptunaSearch(space=DefineByRun(cfg), metric=study.objective, mode=study.direction,
-                            seed=study.seed)
-    if study.repeats > 1:
-        searcher = Repeater(searcher, repeat=study.repeats, set_index=True)
-    searcher = ConcurrencyLimiter(searcher, max_concurrent=study.concurrency)
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(trial_fn, ctx=ctx),
-                                        trial_resources(cfg, cfg.method, n_max))
-    tuner = _tuner(cfg, trainable, "search", storage,
-                   ray.tune.TuneConfig(search_alg=searcher, num_samples=study.trials * study.repeats),
-                   {}, resume)
+    # --- the search: every combination (grid) or an Optuna study -------------------------------------
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(fn, ctx=ctx),
+                                        trial_resources(cfg, searched_methods, n_max))
+    if study.algorithm == "grid":
+        space = {name: ray.tune.grid_search(list(dim)) for name, dim in cfg.search if dim is not None}
+        space["__trial_index__"] = seeds
+        tune_config = ray.tune.TuneConfig(max_concurrent_trials=study.concurrency)
+    else:
+        searcher = OptunaSearch(space=DefineByRun(cfg), metric=study.objective, mode=study.direction,
+                                seed=study.seed)
+        if study.repeats > 1:
+            searcher = Repeater(searcher, repeat=study.repeats, set_index=True)
+        searcher = ConcurrencyLimiter(searcher, max_concurrent=study.concurrency)
+        space = {}
+        tune_config = ray.tune.TuneConfig(search_alg=searcher, num_samples=study.trials * study.repeats)
+    tuner = _tuner(cfg, trainable, "search", storage, tune_config, space, resume)
     _check(tuner.fit(), "search")
     return load_records(sweep_dir)
 
 
 def _check(grid, what: str) -> None:
     """Errored trials do not stop the sweep; they are listed with their reason."""
+    from mike_ray.orchestrate.transfer import _find_cause
+
     for r in grid:
         if r.error is not None:
-            print(f"warning: a {what} trial failed: {str(r.error).splitlines()[0][:300]}")
+            cause = _find_cause(r.error)
+            lines = [ln.strip() for ln in str(r.error).splitlines() if ln.strip()]
+            why = str(cause) if cause is not None else (lines[-1] if lines else type(r.error).__name__)
+            print(f"warning: a {what} trial failed: {why[:300]}")
 
 
 def load_records(sweep_dir: Path) -> list[dict[str, Any]]:
     """Every finished trial's record (written atomically at the end of the trial)."""
     return [json.loads(p.read_text()) for p in sorted((Path(sweep_dir) / "trials").glob("*.json"))]
+
+
+def load_failed(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Records of trials that raised (status "failed", reason), minus those finished by a later resume."""
+    done = {p.stem for p in (Path(sweep_dir) / "trials").glob("*.json")}
+    return [json.loads(p.read_text()) for p in sorted((Path(sweep_dir) / "trials" / "failed").glob("*.json"))
+            if p.stem not in done]

@@ -73,3 +73,17 @@ def _save(fig, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def accuracy_curve(history: Sequence[Mapping[str, float]], path: str | Path, title: str = "") -> Path:
+    """Train and val accuracy per epoch (MHGD student; phase-1 epochs, which have none, are skipped)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for key, label in (("acc/val", "val"), ("acc/train", "train")):
+        pts = [(h["epoch"], h[key]) for h in history if key in h]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label)
+    ax.set_xlabel("epoch (phase 1 / initialisation epochs first)")
+    ax.set_ylabel("top-1 accuracy")
+    ax.set_title(title)
+    ax.legend()
+    return _save(fig, path)

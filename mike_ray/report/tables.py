@@ -63,3 +63,46 @@ def best_per_subset(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str,
 
 def to_json(records: Sequence[Mapping[str, Any]]) -> str:
     return json.dumps({"summary": summarize(records), "trials": list(records)}, indent=2, default=str)
+
+
+# --- MHGD sweeps: accuracy per method (paper tables 1 and 4) ---------------------------------------
+def accuracy_label(rec: Mapping[str, Any]) -> str:
+    """An MHGD trial's configuration without its seed: method + searched values (+ subset)."""
+    params = {k: v for k, v in rec.get("params", {}).items() if k not in ("method", "teacher_subset")}
+    extra = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))
+    subset = f" [{rec['subset']}]" if rec.get("subset", "-") != "-" else ""
+    return f"{rec['method']}{subset} {extra}".rstrip()
+
+
+def accuracy_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Group finished MHGD trials by configuration: n seeds, mean ± std of best and last val accuracy."""
+    groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in records:
+        if r.get("status", "finished") == "finished":
+            groups[accuracy_label(r)].append(r)
+
+    def ms(vals: list[float]) -> tuple[float, float]:
+        return _mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+    rows = []
+    for label, recs in groups.items():
+        best_m, best_s = ms([100 * r["best_acc"] for r in recs])
+        last_m, last_s = ms([100 * r["last_acc"] for r in recs])
+        rows.append({"config": label, "method": recs[0]["method"], "n": len(recs), "best_mean": best_m,
+                     "best_std": best_s, "last_mean": last_m, "last_std": last_s,
+                     "seeds": sorted(r["seed"] for r in recs), "trials": [r["trial_id"] for r in recs]})
+    return sorted(rows, key=lambda r: -r["best_mean"])
+
+
+def accuracy_table(records: Sequence[Mapping[str, Any]], teachers: Mapping[str, float] | None = None,
+                   failed: Sequence[Mapping[str, Any]] = ()) -> str:
+    """A Markdown table: per configuration, best and last val accuracy (%) as mean ± std over seeds."""
+    lines = ["| configuration | seeds | best acc (%) | last acc (%) |", "|---|---:|---:|---:|"]
+    for name, acc in (teachers or {}).items():
+        lines.append(f"| teacher {name} | 1 | {100 * acc:.2f} | |")
+    for r in accuracy_rows(records):
+        lines.append(f"| {r['config']} | {r['n']} | {r['best_mean']:.2f} ± {r['best_std']:.2f} "
+                     f"| {r['last_mean']:.2f} ± {r['last_std']:.2f} |")
+    for f in failed:
+        lines.append(f"| {accuracy_label(f)} (seed {f['seed']}) | failed | {f.get('reason', '')[:80]} | |")
+    return "\n".join(lines)

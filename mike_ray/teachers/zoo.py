@@ -23,7 +23,7 @@ from pydantic import Field, field_validator
 
 from mike_ray.config_base import StrictModel
 from mike_ray.data.tasks import TASK_CODES, TASKS
-from mike_ray.errors import DataError, ModelError
+from mike_ray.errors import DataError, ModelError, one_line
 from mike_ray.metrics import IoUMeter, prevalence_iou
 from mike_ray.tracking import Tracking
 from mike_ray.utils import atomic_dir, config_key, limit_threads, resolve_device, seed_everything, write_json_atomic
@@ -178,10 +178,17 @@ def read_teacher(teacher_dir: Path) -> TeacherRecord:
     if not path.is_file():
         raise DataError(f"{path}: teacher manifest not found")
     try:
-        raw = json.loads(path.read_text())
-        return TeacherRecord(**raw)
-    except (json.JSONDecodeError, TypeError) as err:
-        raise DataError(f"{path}: malformed teacher manifest: {err}") from None
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        rec = TeacherRecord(**raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as err:
+        raise DataError(f"{path}: malformed teacher manifest: {one_line(str(err))[:200]}") from None
+    # fields used to find and rebuild the teacher: typed, and the weights file stays inside the folder
+    for name, typ in (("name", str), ("task", str), ("model", dict), ("taps", list), ("weights", str)):
+        if not isinstance(getattr(rec, name), typ):
+            raise DataError(f"{path}: {name}: expected {typ.__name__}, got {type(getattr(rec, name)).__name__}")
+    if Path(rec.weights).name != rec.weights or rec.weights in ("", ".", ".."):
+        raise DataError(f"{path}: weights: {rec.weights!r} must be a file name inside the teacher folder")
+    return rec
 
 
 def load_teacher(teacher_dir: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, TeacherRecord]:

@@ -1,0 +1,147 @@
+"""MHGD teachers on Ray shards: a shard returns its teachers' targets for a batch, never a gradient.
+
+MHGD's teacher side needs no gradient: per batch, a teacher contributes its compressed vectors
+(``[B, C_k]`` per sensing point: a few KB), or its logits / FSP matrices / activation signs for the
+baselines (:class:`~mike_ray.mhgd.train.TeacherTargets`). So a shard receives the batch, runs its
+teachers one after another under ``no_grad`` and ships those small tensors back; the student's
+process keeps only the heads and its own graph. Teachers never see the student.
+
+:class:`ShardTeachers` is a :class:`~mike_ray.mhgd.train.TeacherSet`: ``run_method`` takes it in place
+of local teacher models. Actor handles pickle, so a trial creates the shards (in its placement group)
+and hands them to the TorchTrainer's worker.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mike_ray.errors import ModelError, TrainingError
+from mike_ray.mhgd.train import LocalTeachers, MHGDConfig, TeacherSet, TeacherTargets, frozen_teacher
+from mike_ray.teachers.shard import PlacementConfig, partition
+from mike_ray.utils import limit_threads, resolve_device
+
+__all__ = ["ClassifierRef", "ClassifierShard", "ShardTeachers"]
+
+
+@dataclass(frozen=True)
+class ClassifierRef:
+    """A stored teacher classifier (a classifier-zoo entry)."""
+
+    name: str
+    path: str
+
+
+class ClassifierShard:
+    """One or more frozen teacher classifiers in one process, tapped for ``cfg.method``.
+
+    Args:
+        teachers: the teachers this shard serves.
+        cfg: the run's :class:`MHGDConfig` (as a dict): method, sensing points, logits tap.
+        device: "auto" | "cpu" | "cuda[:i]". threads: torch intra-op threads (None: leave as is).
+    """
+
+    def __init__(self, teachers: Sequence[ClassifierRef], cfg: dict[str, Any], device: str = "auto",
+                 threads: int | None = 1) -> None:
+        from mike_ray.mhgd.zoo import load_classifier
+
+        limit_threads(threads)
+        self.device = resolve_device(device)
+        run = MHGDConfig.model_validate(cfg)
+        frozen = [frozen_teacher(run, load_classifier(Path(r.path), self.device)[0]) for r in teachers]
+        self.local = LocalTeachers(frozen, [r.name for r in teachers])
+
+    def outputs(self, x: Tensor, method: str) -> list[TeacherTargets]:
+        """Per teacher, the targets of ``method`` for ``x`` (on CPU)."""
+        return [t.to("cpu") for t in self.local.outputs(x.to(self.device), method)]
+
+    def probe(self, x: Tensor) -> list[tuple[list[Tensor], Tensor | None]]:
+        """Per teacher, (features, logits) of a small batch, on CPU (shape checks only)."""
+        out = self.local.probe(x.to(self.device))
+        return [([f.cpu() for f in feats], None if lg is None else lg.cpu()) for feats, lg in out]
+
+    def ping(self) -> bool:
+        return True
+
+
+class ShardTeachers(TeacherSet):
+    """Teacher classifiers on shards: Ray actors (``placement.mode = "ray"``) or in-process ("local").
+
+    ``teachers_per_shard`` groups teachers on one shard (run one after another there); shards answer
+    in parallel. A shard that dies mid-call is restarted by Ray (its constructor reloads the weights)
+    and the call is sent again — the call is a pure function of the batch. The count is
+    :attr:`retries`.
+    """
+
+    def __init__(self, teachers: Sequence[ClassifierRef], cfg: MHGDConfig, placement: PlacementConfig,
+                 placement_group: object | None = None, first_bundle: int = 0) -> None:
+        if not teachers:
+            raise ModelError("teachers: at least one teacher is required")
+        self.names = [t.name for t in teachers]
+        self.placement = placement
+        self.groups = partition(list(teachers), placement.teachers_per_shard)
+        self.retries = 0
+        cfg_dict = cfg.model_dump(mode="json")
+        if placement.mode == "local":
+            self.shards: list[Any] = [ClassifierShard(g, cfg_dict, placement.device, None) for g in self.groups]
+            return
+        import ray
+
+        actor = ray.remote(ClassifierShard)
+        base = dict(num_cpus=placement.cpus_per_shard, num_gpus=placement.gpus_per_shard,
+                    max_restarts=placement.max_restarts, max_task_retries=0)
+        self.shards = []
+        for i, g in enumerate(self.groups):
+            opts = dict(base)
+            if placement_group is not None:
+                from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    placement_group, placement_group_bundle_index=first_bundle + i)
+            self.shards.append(actor.options(**opts).remote(g, cfg_dict, placement.device, placement.threads))
+        ray.get([s.ping.remote() for s in self.shards])  # weights load now: a bad teacher fails here
+
+    def outputs(self, x: Tensor, method: str) -> list[TeacherTargets]:
+        return [t for out in self._call("outputs", x.detach().cpu(), method) for t in out]
+
+    def probe(self, x: Tensor) -> list[tuple[list[Tensor], Tensor | None]]:
+        return [p for out in self._call("probe", x.detach().cpu()) for p in out]
+
+    def _call(self, fn: str, *args: Any) -> list[Any]:
+        if self.placement.mode == "local":
+            return [getattr(s, fn)(*args) for s in self.shards]
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        refs = [ray.put(a) if isinstance(a, torch.Tensor) else a for a in args]  # one copy for every shard
+        calls = {i: getattr(s, fn).remote(*refs) for i, s in enumerate(self.shards)}
+        outs: dict[int, Any] = {}
+        attempts = {i: 0 for i in calls}
+        while calls:
+            i, ref = next(iter(calls.items()))
+            try:
+                outs[i] = ray.get(ref)
+                del calls[i]
+            except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
+                attempts[i] += 1
+                self.retries += 1
+                if attempts[i] > self.placement.step_retries:
+                    raise TrainingError(f"teacher shard {i} ({', '.join(r.name for r in self.groups[i])}): died "
+                                        f"{attempts[i]} times in one call: {type(err).__name__}") from None
+                time.sleep(min(2.0, 0.25 * attempts[i]))
+                calls[i] = getattr(self.shards[i], fn).remote(*refs)
+        return [outs[i] for i in range(len(self.shards))]
+
+    def shutdown(self) -> None:
+        """Kill the shard actors (local shards are just dropped)."""
+        if self.placement.mode == "ray":
+            import ray
+
+            for s in self.shards:
+                ray.kill(s, no_restart=True)
+        self.shards = []

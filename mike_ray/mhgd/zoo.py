@@ -1,0 +1,216 @@
+"""The classifier teacher zoo: MHGD's teachers, trained in parallel as Ray tasks, stored with a manifest.
+
+Like the segmenter zoo (:mod:`mike_ray.teachers.zoo`), keyed by the config that made it and the data
+it was trained on::
+
+    <out>/classifier_zoo/<key>/<name>/weights.pt     state_dict (torch.load(weights_only=True))
+    <out>/classifier_zoo/<key>/<name>/teacher.json   name, model spec (num_classes set), accuracy, history
+    <out>/classifier_zoo/<key>/zoo.json              written last: the zoo is complete
+
+Each teacher directory is written atomically, so an interrupted build keeps its finished teachers and
+a rebuild trains only the missing ones. Every teacher gets an MLflow run (per-epoch metrics, final
+accuracy, its ``teacher.json``) nested under the sweep's parent run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from mike_ray.config_base import StrictModel
+from mike_ray.data.classification import ClassificationData, load_splits
+from mike_ray.errors import DataError, ModelError, one_line
+from mike_ray.models.classifiers import DEFAULT_TEACHER
+from mike_ray.models.registry import ModelSpec, build_model, load_weights, save_weights
+from mike_ray.tracking import Tracking
+from mike_ray.utils import atomic_dir, config_key, resolve_device, write_json_atomic
+
+__all__ = ["ClassifierTrainConfig", "ClassifierZooConfig", "build_classifier_zoo", "data_fingerprint",
+           "load_classifier", "read_classifier_zoo", "train_classifier"]
+
+CLASSIFIER_ZOO_FORMAT = 1
+
+
+class ClassifierTrainConfig(StrictModel):
+    """How every teacher classifier is trained (SGD Nesterov, step schedule: the authors' CIFAR recipe)."""
+
+    epochs: int = Field(200, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    lr_milestones: list[float] = Field(default_factory=lambda: [0.3, 0.6, 0.8])
+    lr_gamma: float = Field(0.2, gt=0, le=1)
+    seed: int = 0
+
+
+class ClassifierZooConfig(StrictModel):
+    """MHGD's teachers as a named list of architectures (big_vision style), trained on the sweep's data."""
+
+    teachers: dict[str, ModelSpec] = Field(default_factory=lambda: {"wrn16_4": ModelSpec(**DEFAULT_TEACHER)})
+    train: ClassifierTrainConfig = Field(default_factory=ClassifierTrainConfig)
+    cpus_per_teacher: float = Field(1.0, gt=0)
+    gpus_per_teacher: float = Field(0.0, ge=0)
+    threads: int = Field(1, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("teachers")
+    @classmethod
+    def _names(cls, v: dict[str, ModelSpec]) -> dict[str, ModelSpec]:
+        import re
+
+        if not v:
+            raise ValueError("at least one teacher is required")
+        for name in v:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+                raise ValueError(f"teacher name {name!r}: use letters, digits, '_', '.', '-' (it names a folder)")
+        return v
+
+
+def data_fingerprint(data: ClassificationData) -> str:
+    """A short hash of what the teachers learn from: the prepared crops' content hash, or, for the
+    published datasets, the relative paths and sizes of their files (a stat walk, no reading)."""
+    root = Path(data.root)
+    if data.source == "crops":
+        from mike_ray.data.shards import read_manifest
+
+        return read_manifest(root).content_hash
+    files = sorted((str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*") if p.is_file())
+    return config_key(files)
+
+
+def zoo_key(cfg: ClassifierZooConfig, data: ClassificationData, fingerprint: str) -> str:
+    """Key of a zoo: teachers + training + data selection + data content (not placement)."""
+    relevant = cfg.model_dump(mode="json", include={"teachers", "train"})
+    chosen = data.model_dump(mode="json", exclude={"root"})
+    return config_key({"zoo": relevant, "data": chosen, "fingerprint": fingerprint,
+                       "format": CLASSIFIER_ZOO_FORMAT})
+
+
+def train_classifier(name: str, spec: ModelSpec, data: ClassificationData, cfg: ClassifierZooConfig,
+                     zoo_dir: Path) -> dict[str, Any]:
+    """Train teacher ``name`` (cross-entropy from scratch) and write ``zoo_dir/<name>`` atomically.
+
+    Runs in the calling process (a Ray task under :func:`build_classifier_zoo`). Returns its record.
+    """
+    from mike_ray.mhgd.train import MHGDConfig, train_teacher_classifier
+
+    t0 = time.perf_counter()
+    train_ds, val_ds = load_splits(data)
+    t = cfg.train
+    run = MHGDConfig(method="student", teacher=spec, teacher_epochs=t.epochs, batch_size=min(t.batch_size, len(train_ds)),
+                     lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, lr_milestones=t.lr_milestones,
+                     lr_gamma=t.lr_gamma, seed=t.seed, device=cfg.device, threads=cfg.threads)
+    model, metrics = train_teacher_classifier(run, train_ds, val_ds)
+    record = {"name": name, "model": spec.model_copy(update={"num_classes": train_ds.num_classes}).model_dump(mode="json"),
+              "num_classes": train_ds.num_classes, "best_acc": metrics["best_acc"], "last_acc": metrics["last_acc"],
+              "history": metrics["history"], "data": data.model_dump(mode="json"),
+              "train_samples": len(train_ds), "val_samples": len(val_ds),
+              "train_seconds": time.perf_counter() - t0, "weights": "weights.pt"}
+    with atomic_dir(Path(zoo_dir) / name) as d:
+        save_weights(model.cpu(), d / "weights.pt")
+        write_json_atomic(d / "teacher.json", record)
+    return record
+
+
+def read_classifier(teacher_dir: Path) -> dict[str, Any]:
+    """The ``teacher.json`` of a stored classifier (a missing or malformed one is a :class:`DataError`)."""
+    path = Path(teacher_dir) / "teacher.json"
+    if not path.is_file():
+        raise DataError(f"{path}: teacher record not found")
+    try:
+        rec = json.loads(path.read_text())
+        ModelSpec.model_validate(rec["model"])
+        float(rec["best_acc"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise DataError(f"{path}: malformed teacher record: {one_line(str(err))[:200]}") from None
+    return rec
+
+
+def load_classifier(teacher_dir: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild a stored teacher classifier in eval mode; weights load with ``weights_only=True``."""
+    rec = read_classifier(teacher_dir)
+    model = build_model(ModelSpec.model_validate(rec["model"]), name=rec["name"])
+    load_weights(model, Path(teacher_dir) / rec.get("weights", "weights.pt"), name=rec["name"])
+    dev = resolve_device(device) if isinstance(device, str) else device
+    return model.to(dev).eval(), rec
+
+
+def build_classifier_zoo(cfg: ClassifierZooConfig, data: ClassificationData, out_root: Path,
+                         tracking: Tracking | None = None, parent_run_id: str | None = None,
+                         progress: bool = True) -> Path:
+    """Train every missing teacher of ``cfg`` in parallel as Ray tasks; return the zoo directory.
+
+    Re-uses a complete zoo with the same key, and the finished teachers of an interrupted one.
+    Requires ``ray.init``.
+    """
+    import ray
+
+    zoo_dir = Path(out_root) / "classifier_zoo" / zoo_key(cfg, data, data_fingerprint(data))
+    if (zoo_dir / "zoo.json").is_file():
+        return zoo_dir
+    todo = [n for n in cfg.teachers if not (zoo_dir / n / "teacher.json").is_file()]
+    remote = ray.remote(num_cpus=cfg.cpus_per_teacher, num_gpus=cfg.gpus_per_teacher, max_retries=1)(train_classifier)
+    pending = {remote.remote(n, cfg.teachers[n], data, cfg, zoo_dir): n for n in todo}
+    bar = None
+    if progress and pending:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(pending), desc="classifier teachers", unit="teacher")
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            name = pending.pop(done[0])
+            try:
+                rec = ray.get(done[0])
+            except Exception as err:  # noqa: BLE001 - a typed error from the task, wrapped by Ray
+                from mike_ray.orchestrate.transfer import _find_cause
+
+                cause = _find_cause(err)
+                raise (cause or ModelError(f"teacher '{name}': training failed: {one_line(str(err))[:300]}")) from None
+            if tracking is not None:
+                _log_classifier(tracking, zoo_dir / name, rec, parent_run_id)
+            if bar is not None:
+                bar.set_postfix_str(f"{name} acc {rec['best_acc']:.3f}")
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    records = {n: read_classifier(zoo_dir / n) for n in cfg.teachers}
+    write_json_atomic(zoo_dir / "zoo.json", {
+        "format": CLASSIFIER_ZOO_FORMAT, "config": cfg.model_dump(mode="json"), "data": data.model_dump(mode="json"),
+        "teachers": {n: {"best_acc": r["best_acc"], "last_acc": r["last_acc"], "path": n} for n, r in records.items()},
+    })
+    return zoo_dir
+
+
+def read_classifier_zoo(zoo_dir: Path) -> dict[str, dict[str, Any]]:
+    """Every teacher record of a complete classifier zoo, by name."""
+    path = Path(zoo_dir) / "zoo.json"
+    if not path.is_file():
+        raise DataError(f"{path}: classifier zoo manifest not found (is the zoo built?)")
+    try:
+        names = list(json.loads(path.read_text())["teachers"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise DataError(f"{path}: malformed zoo manifest: {one_line(str(err))[:200]}") from None
+    return {n: read_classifier(Path(zoo_dir) / n) for n in names}
+
+
+def _log_classifier(tracking: Tracking, teacher_dir: Path, rec: dict[str, Any], parent_run_id: str | None) -> None:
+    from mike_ray.tracking import start_run
+
+    with start_run(tracking, f"teacher-{rec['name']}", parent_run_id,
+                   tags={"mike_ray.stage": "teacher", "mike_ray.teacher": rec["name"]}) as run:
+        run.params({"model": rec["model"], "data": rec["data"], "train_samples": rec["train_samples"]})
+        for h in rec["history"]:
+            run.metrics({k: v for k, v in h.items() if k != "epoch"}, step=int(h["epoch"]))
+        run.metrics({"acc/best": rec["best_acc"], "acc/last": rec["last_acc"],
+                     "time/train_seconds": rec["train_seconds"]})
+        run.artifact(teacher_dir / "teacher.json")
+        if os.path.getsize(teacher_dir / "weights.pt") <= 64 << 20:  # the store keeps small weights too
+            run.artifact(teacher_dir / "weights.pt")
