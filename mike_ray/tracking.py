@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import contextlib
+import re
 
 SECRET_MARKERS = ("token", "secret", "password", "passwd", "api_key", "apikey", "credential")
 
@@ -76,13 +77,17 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*):[^/@\s]*@")
+
+
 def safe_params(d: Mapping[str, Any]) -> dict[str, str]:
-    """Flattened config as MLflow params, with anything that looks like a secret left out."""
+    """Flattened config as MLflow params, with anything that looks like a secret left out: keys
+    naming a token/secret/password/…, and the password of any ``scheme://user:password@host`` value."""
     out = {}
     for k, v in flatten(d).items():
         if any(m in k.lower() for m in SECRET_MARKERS):
             continue
-        s = str(v)
+        s = _URL_CREDENTIALS.sub(r"\g<scheme>\g<user>:***@", str(v))
         out[k] = s if len(s) <= 6000 else s[:5997] + "..."
     return out
 

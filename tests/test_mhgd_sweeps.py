@@ -23,6 +23,11 @@ def sweeps(ray_local, tmp_path_factory):
         path = ROOT / "sweeps" / f"{name}.yaml"
         cfg = load_sweep(path, [f"output={out}"], profile="smoke")
         done[name] = (cfg, run_sweep(cfg, path))
+    # fault: the heads sweep again, one of its two trials at an lr that makes the student diverge
+    path = ROOT / "sweeps" / "mhgd_heads.yaml"
+    cfg = load_sweep(path, [f"output={out}", "name=mhgd_nan", "search.num_heads=[2]", "search.lr=[0.05, 1.0e12]"],
+                     profile="smoke")
+    done["nan"] = (cfg, run_sweep(cfg, path))
     return done
 
 
@@ -43,7 +48,7 @@ def test_heads_sweep_runs_every_head_count(sweeps) -> None:
     assert all(r["method"] == "mhgd" and 0.0 <= r["last_acc"] <= r["best_acc"] <= 1.0 for r in summary.trials)
     client, kids = _children(summary)
     assert len(kids) == 5 and all(k.info.status == "FINISHED" for k in kids)
-    assert sorted(int(k.data.params["mhgd.num_heads"]) for k in kids) == [1, 2, 4, 8, 16]
+    assert sorted(int(k.data.params["mhgd/num_heads"]) for k in kids) == [1, 2, 4, 8, 16]
 
 
 def test_methods_sweep_runs_every_method_and_logs_the_accuracy_table(sweeps) -> None:
@@ -78,3 +83,31 @@ def test_second_sweep_reused_the_first_ones_teacher(sweeps) -> None:
     client = mlflow.MlflowClient(methods.tracking.uri)
     teachers = client.search_runs([methods.tracking.experiment_id()], "tags.`mike_ray.stage` = 'teacher'")
     assert len(teachers) == 1  # trained once, by the first sweep
+
+
+def test_a_diverging_trial_fails_with_its_reason_in_tune_and_mlflow_and_the_sweep_goes_on(sweeps) -> None:
+    import ray.tune
+
+    from mike_ray.orchestrate.mhgd_trial import mhgd_trial_fn
+
+    cfg, summary = sweeps["nan"]
+    # the sweep finished: the sane trial has its result, the diverging one is listed with its reason
+    assert [r["params"]["lr"] for r in summary.trials] == [0.05]
+    assert len(summary.failed) == 1 and summary.failed[0]["params"]["lr"] == 1.0e12
+    reason = summary.failed[0]["reason"]
+    assert "\n" not in reason and "at epoch 1" in reason and ("nan" in reason or "inf" in reason), reason
+    assert f"FAILED trial {summary.failed[0]['trial_id']}" in summary.report()
+    # Tune: the trial is ERROR with that reason; the other TERMINATED
+    grid = ray.tune.Tuner.restore(str(cfg.output_dir() / "sweeps" / cfg.name / "tune" / "search"),
+                                  trainable=mhgd_trial_fn).get_results()
+    errors = [r.error for r in grid if r.error is not None]
+    assert len(grid) == 2 and len(errors) == 1 and reason in str(errors[0])
+    # MLflow: the trial's run FAILED with the reason as a tag; the parent FINISHED, with 1 failed trial
+    client, kids = _children(summary)
+    by_status = {k.info.status: k for k in kids}
+    assert sorted(by_status) == ["FAILED", "FINISHED"]
+    assert by_status["FAILED"].data.tags["mike_ray.failure_reason"] == reason
+    parent = client.get_run(summary.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials/failed"] == 1.0
+    table = Path(client.download_artifacts(summary.parent_run_id, "accuracy_table.md")).read_text()
+    assert "| failed |" in table

@@ -30,3 +30,62 @@ def test_a_diverging_run_stops_with_a_one_line_training_error(tiny_prepared, ray
         run_transfer(cfg, [], tiny_prepared, ["DCH"], PlacementConfig(),
                      WorkersConfig(num_workers=1, cpus_per_worker=0.5, max_failures=0), tmp_path, "nan")
     assert "\n" not in str(err.value)
+
+
+def test_a_killed_trainer_worker_resumes_from_the_last_checkpoint(tiny_prepared, ray_local, tmp_path) -> None:
+    """SIGKILL the Train worker after its first checkpoint: FailureConfig restarts the worker group,
+    which resumes after the last checkpointed epoch — the epochs before it are not trained again."""
+    import json
+    import os
+    import shutil
+    import signal
+    import threading
+    import time
+    from pathlib import Path
+
+
+    from mike_ray.mike.train import CKPT_FILE, load_checkpoint
+
+    cfg = TransferConfig(method="pixel", model=TINY_AE, epochs=8, batch_size=8, val_batches=1, device="cpu")
+    workers = WorkersConfig(num_workers=1, cpus_per_worker=0.5, max_failures=1)
+    seen: dict[str, object] = {}
+
+    def kill_after_first_checkpoint() -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            # a checkpoint counts once Train has registered it (its snapshot lists it), not when written
+            snap = tmp_path / "kill" / "checkpoint_manager_snapshot.json"
+            try:
+                listed = [c["checkpoint_dir_name"] for c in json.loads(snap.read_text())["checkpoint_results"]]
+            except (OSError, ValueError, KeyError):
+                listed = []
+            if listed:
+                keep = tmp_path / "before-kill.pt"
+                shutil.copy(tmp_path / "kill" / listed[-1] / CKPT_FILE, keep)  # Train may rotate it away later
+                seen["checkpoint"] = keep
+                # Ray titles an actor's process "ray::<Class>…" (no dashboard here for the state API)
+                for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+                    try:
+                        title = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    except OSError:
+                        continue
+                    if title.startswith("ray::RayTrainWorker"):
+                        pid = int(cmdline.parent.name)
+                        os.kill(pid, signal.SIGKILL)
+                        seen.setdefault("killed", []).append(pid)
+                if seen.get("killed"):
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    res = run_transfer(cfg, [], tiny_prepared, ["DCH", "CTB"], PlacementConfig(), workers, tmp_path, "kill")
+    killer.join(5)
+    assert seen.get("killed"), "the worker was not killed"
+    saved = load_checkpoint(seen["checkpoint"])
+    done_before = [h["epoch"] for h in saved.history]
+    assert done_before and done_before[-1] < cfg.epochs - 1, "the run had finished before the kill"
+    # every epoch once; those checkpointed before the kill are the stored ones (not re-run), so at
+    # most the epoch in flight when the worker died was lost
+    assert [h["epoch"] for h in res.history] == list(range(cfg.epochs))
+    assert res.history[:len(saved.history)] == saved.history
