@@ -12,7 +12,6 @@ and hands them to the TorchTrainer's worker.
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mike_ray.errors import ModelError, TrainingError
+from mike_ray.errors import ModelError
 from mike_ray.mhgd.train import LocalTeachers, MHGDConfig, TeacherSet, TeacherTargets, frozen_teacher
-from mike_ray.teachers.shard import PlacementConfig, partition
+from mike_ray.teachers.shard import PlacementConfig, call_shards, partition
 from mike_ray.utils import limit_threads, resolve_device
 
 __all__ = ["ClassifierRef", "ClassifierShard", "ShardTeachers"]
@@ -116,26 +115,12 @@ class ShardTeachers(TeacherSet):
         if self.placement.mode == "local":
             return [getattr(s, fn)(*args) for s in self.shards]
         import ray
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
         refs = [ray.put(a) if isinstance(a, torch.Tensor) else a for a in args]  # one copy for every shard
-        calls = {i: getattr(s, fn).remote(*refs) for i, s in enumerate(self.shards)}
-        outs: dict[int, Any] = {}
-        attempts = {i: 0 for i in calls}
-        while calls:
-            i, ref = next(iter(calls.items()))
-            try:
-                outs[i] = ray.get(ref)
-                del calls[i]
-            except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
-                attempts[i] += 1
-                self.retries += 1
-                if attempts[i] > self.placement.step_retries:
-                    raise TrainingError(f"teacher shard {i} ({', '.join(r.name for r in self.groups[i])}): died "
-                                        f"{attempts[i]} times in one call: {type(err).__name__}") from None
-                time.sleep(min(2.0, 0.25 * attempts[i]))
-                calls[i] = getattr(self.shards[i], fn).remote(*refs)
-        return [outs[i] for i in range(len(self.shards))]
+        labels = [", ".join(r.name for r in g) for g in self.groups]
+        outs, retried = call_shards(self.shards, labels, fn, refs, self.placement.step_retries)
+        self.retries += retried
+        return outs
 
     def shutdown(self) -> None:
         """Kill the shard actors (local shards are just dropped)."""

@@ -12,7 +12,6 @@ from typing import Any
 
 from mike_ray.config import SweepConfig
 from mike_ray.tracking import RunLogger, Tracking
-from mike_ray.utils import write_json_atomic
 
 
 def mhgd_settings(cfg: SweepConfig, params: dict[str, Any]):
@@ -31,7 +30,7 @@ def mhgd_trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     from mike_ray.data.classification import ClassificationData
     from mike_ray.mhgd.shard import ShardTeachers
     from mike_ray.orchestrate.classify import classifier_refs, run_mhgd
-    from mike_ray.orchestrate.tuning import _fail_trial, _trial_run
+    from mike_ray.orchestrate.tuning import _fail_trial, _finish_trial, _trial_run
 
     t_start = time.perf_counter()
     cfg = SweepConfig.model_validate(ctx["sweep"])
@@ -84,12 +83,8 @@ def mhgd_trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
                   "checkpoint": res.checkpoint_path, "retries": res.retries,
                   "train_seconds": sum(h.get("time/epoch_s", 0.0) for h in res.history),
                   "trial_seconds": time.perf_counter() - t_start}
-        final = final_metrics(record)
-        run.metrics(final)
         _artifacts(run, record, res.history)
-        run.client.set_terminated(run.run_id, status="FINISHED")
-        write_json_atomic(done, record)  # last: its presence means the trial is complete
-        ray.tune.report(final)
+        _finish_trial(run, done, record, final_metrics(record))
     except BaseException as err:
         _fail_trial(run, sweep_dir, base, err)
         raise

@@ -160,15 +160,22 @@ def trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
                   "transfer_seconds": sum(h.get("time/epoch_seconds", 0.0) for h in res.history),
                   "downstream_seconds": max((d.get("seconds", 0.0) for d in down.values()), default=0.0),
                   "trial_seconds": time.perf_counter() - t_start}
-        final = _final_metrics(record)
-        run.metrics({k: v for k, v in final.items() if not (isinstance(v, float) and math.isnan(v))})
         _trial_artifacts(run, sweep_dir, record, res, tcfg, ctx["data_root"], query)
-        run.client.set_terminated(run.run_id, status="FINISHED")
-        write_json_atomic(done, record)  # last: its presence means the trial is complete
-        ray.tune.report(final)
+        _finish_trial(run, done, record, _final_metrics(record))
     except BaseException as err:
         _fail_trial(run, sweep_dir, base, err)
         raise
+
+
+def _finish_trial(run: RunLogger, done: Path, record: dict[str, Any], final: dict[str, float]) -> None:
+    """A trial's last steps, in this order: final metrics, MLflow run FINISHED, the trial record
+    (its presence means "complete": a resumed sweep skips the trial), then the report to Tune."""
+    import ray.tune
+
+    run.metrics({k: v for k, v in final.items() if not (isinstance(v, float) and math.isnan(v))})
+    run.client.set_terminated(run.run_id, status="FINISHED")
+    write_json_atomic(done, record)
+    ray.tune.report(final)
 
 
 def _fail_trial(run: RunLogger, sweep_dir: Path, base: dict[str, Any], err: BaseException) -> None:

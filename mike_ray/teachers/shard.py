@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 from pydantic import Field
@@ -248,29 +248,14 @@ class ShardGroup:
 
     def _ray_step(self, x, xbar, task_ids, weights, masking, need_grad) -> list[ShardOutput]:
         import ray
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
         # one copy of the batch in the object store, shared by every shard
         refs = [ray.put(t.detach().cpu()) for t in (x, xbar, task_ids)]
-        calls = {i: s.step.remote(*refs, weights, masking, need_grad) for i, s in enumerate(self.shards)}
-        outs: dict[int, ShardOutput] = {}
-        attempts = {i: 0 for i in calls}
-        while calls:
-            i, ref = next(iter(calls.items()))
-            try:
-                outs[i] = ray.get(ref)
-                del calls[i]
-            except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
-                # the shard died mid-step: Ray restarts it (its constructor reloads the teachers);
-                # the step is a pure function of its inputs, so sending it again is safe
-                attempts[i] += 1
-                self.retries += 1
-                if attempts[i] > self.placement.step_retries:
-                    raise TrainingError(f"teacher shard {i} ({', '.join(r.name for r in self.groups[i])}): "
-                                        f"died {attempts[i]} times in one step: {type(err).__name__}") from None
-                time.sleep(min(2.0, 0.25 * attempts[i]))
-                calls[i] = self.shards[i].step.remote(*refs, weights, masking, need_grad)
-        return [outs[i] for i in range(len(self.shards))]
+        labels = [", ".join(r.name for r in g) for g in self.groups]
+        outs, retried = call_shards(self.shards, labels, "step", (*refs, weights, masking, need_grad),
+                                    self.placement.step_retries)
+        self.retries += retried
+        return outs
 
     def shutdown(self) -> None:
         """Kill the shard actors (local shards are just dropped)."""
@@ -280,3 +265,35 @@ class ShardGroup:
             for s in self.shards:
                 ray.kill(s, no_restart=True)
         self.shards = []
+
+
+def call_shards(shards: Sequence[Any], labels: Sequence[str], method: str, args: Sequence[Any],
+                max_retries: int) -> tuple[list[Any], int]:
+    """``shard.<method>.remote(*args)`` on every shard actor at once; returns the answers in shard
+    order and how many calls were sent again.
+
+    A shard that dies mid-call is restarted by Ray (``max_restarts``; its constructor reloads its
+    teachers) and the call is sent again, up to ``max_retries`` times per call: a shard call is a pure
+    function of its arguments, so repeating it is safe. Past that, a one-line :class:`TrainingError`.
+    """
+    import ray
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    calls = {i: getattr(s, method).remote(*args) for i, s in enumerate(shards)}
+    outs: dict[int, Any] = {}
+    attempts = {i: 0 for i in calls}
+    retried = 0
+    while calls:
+        i, ref = next(iter(calls.items()))
+        try:
+            outs[i] = ray.get(ref)
+            del calls[i]
+        except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
+            attempts[i] += 1
+            retried += 1
+            if attempts[i] > max_retries:
+                raise TrainingError(f"teacher shard {i} ({labels[i]}): died {attempts[i]} times in one "
+                                    f"{method} call: {type(err).__name__}") from None
+            time.sleep(min(2.0, 0.25 * attempts[i]))
+            calls[i] = getattr(shards[i], method).remote(*args)
+    return [outs[i] for i in range(len(shards))], retried
