@@ -63,14 +63,15 @@ def test_a_killed_trainer_worker_resumes_from_the_last_checkpoint(tiny_prepared,
                 keep = tmp_path / "before-kill.pt"
                 shutil.copy(tmp_path / "kill" / listed[-1] / CKPT_FILE, keep)  # Train may rotate it away later
                 seen["checkpoint"] = keep
-                # Ray titles an actor's process "ray::<Class>…" (no dashboard here for the state API)
+                # Ray titles an actor's process "ray::<Class>…" (no dashboard here for the state API);
+                # only this session's Ray (started by this process) is touched, never another one
                 for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
                     try:
                         title = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
                     except OSError:
                         continue
-                    if title.startswith("ray::RayTrainWorker"):
-                        pid = int(cmdline.parent.name)
+                    pid = int(cmdline.parent.name)
+                    if title.startswith("ray::RayTrainWorker") and _descends_from(pid, os.getpid()):
                         os.kill(pid, signal.SIGKILL)
                         seen.setdefault("killed", []).append(pid)
                 if seen.get("killed"):
@@ -89,3 +90,18 @@ def test_a_killed_trainer_worker_resumes_from_the_last_checkpoint(tiny_prepared,
     # most the epoch in flight when the worker died was lost
     assert [h["epoch"] for h in res.history] == list(range(cfg.epochs))
     assert res.history[:len(saved.history)] == saved.history
+
+
+def _descends_from(pid: int, root: int) -> bool:
+    """Whether process ``pid`` is a descendant of ``root`` (Linux /proc)."""
+    from pathlib import Path
+
+    while pid > 1:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # field 4, after the parenthesised name
+        if pid == root:
+            return True
+    return False
