@@ -56,3 +56,53 @@ def tiny_zoo(tiny_prepared, ray_local, tmp_path_factory) -> Path:
     cfg = ZooConfig(tasks=TINY_TASKS, model=TINY_SEGMENTER, cpus_per_teacher=0.5,
                     train={"epochs": 1, "max_train_samples": 64, "batch_size": 32})
     return build_zoo(cfg, tiny_prepared, tmp_path_factory.mktemp("out"), progress=False)
+
+
+# --- fault injection ---------------------------------------------------------------------------------
+def kill_train_worker_after_first_checkpoint(run_dir: Path, ckpt_file: str, keep: Path, seen: dict) -> None:
+    """Thread body: once Ray Train has *registered* a checkpoint of ``run_dir`` (its snapshot lists it,
+    not merely written), copy that checkpoint's ``ckpt_file`` to ``keep`` (Train may rotate it away),
+    then SIGKILL this session's ``RayTrainWorker`` processes. Records ``seen["killed"]`` (pids) and
+    ``seen["checkpoint"]``."""
+    import json
+    import shutil
+    import signal
+    import time
+
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        snap = run_dir / "checkpoint_manager_snapshot.json"
+        try:
+            listed = [c["checkpoint_dir_name"] for c in json.loads(snap.read_text())["checkpoint_results"]]
+        except (OSError, ValueError, KeyError):
+            listed = []
+        if listed:
+            shutil.copy(run_dir / listed[-1] / ckpt_file, keep)
+            seen["checkpoint"] = keep
+            # Ray titles an actor's process "ray::<Class>…" (no dashboard here for the state API); only
+            # this session's Ray (started by this process) is touched, never another one on the machine
+            for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+                try:
+                    title = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                except OSError:
+                    continue
+                pid = int(cmdline.parent.name)
+                if title.startswith("ray::RayTrainWorker") and _descends_from(pid, os.getpid()):
+                    os.kill(pid, signal.SIGKILL)
+                    seen.setdefault("killed", []).append(pid)
+            if seen.get("killed"):
+                return
+        time.sleep(0.05)
+
+
+def _descends_from(pid: int, root: int) -> bool:
+    """Whether process ``pid`` is a descendant of ``root`` (Linux /proc)."""
+    while pid > 1:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # field 4 (ppid), after the parenthesised name
+        if pid == root:
+            return True
+    return False

@@ -170,3 +170,36 @@ def test_evaluate_counts_correct_predictions(data, teacher) -> None:
         b = data[1].__getitems__(list(range(len(data[1]))))
         acc = float((teacher(b["image"]).argmax(1) == b["label"]).float().mean())
     assert ev["acc"] == pytest.approx(acc) and ev["ce"] > 0 and not teacher.training
+
+
+def _same(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert {k: v for k, v in x.items() if k != "time/epoch_s"} == {k: v for k, v in y.items() if k != "time/epoch_s"}
+
+
+@pytest.mark.parametrize("method,cut", [("mhgd", 0), ("mhgd", 2), ("fsp", 0), ("student", 0)])
+def test_a_run_resumed_from_any_epochs_state_ends_exactly_like_an_uninterrupted_one(method, cut, data,
+                                                                                      teacher) -> None:
+    """The state given to on_checkpoint after epoch ``cut`` (phase 1, initialisation or student epoch)
+    is enough to finish the run bit-for-bit like the run that was never stopped."""
+    import io
+
+    cfg = MHGDConfig(**{**TINY, "epochs": 2, "phase1_epochs": 2, "init_epochs": 2}, method=method)
+    states: list[dict] = []
+
+    def keep(epoch, metrics, state):
+        buf = io.BytesIO()
+        torch.save(state, buf)  # what the Train worker writes
+        states.append(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+
+    full = run_method(cfg, teacher, *data, on_checkpoint=keep, return_model=True)
+    assert [s["history"][-1]["epoch"] for s in states] == [h["epoch"] for h in full["history"]]
+    state = states[cut]
+    assert state["stage"] == {("mhgd", 0): "phase1", ("mhgd", 2): "fit", ("fsp", 0): "init",
+                              ("student", 0): "fit"}[(method, cut)]
+    resumed = run_method(cfg, teacher, *data, resume=state, return_model=True)
+    _same(resumed["history"], full["history"])
+    assert resumed["best_acc"] == full["best_acc"] and resumed["last_acc"] == full["last_acc"]
+    for (k, a), b in zip(full["student"].state_dict().items(), resumed["student"].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)

@@ -52,12 +52,14 @@ from mike_ray.utils import limit_threads, resolve_device
 
 __all__ = [
     "METHODS",
+    "CheckpointCallback",
     "EpochCallback",
     "FrozenTeacher",
     "LocalTeachers",
     "MHGDConfig",
     "TeacherSet",
     "TeacherTargets",
+    "build_heads",
     "clipped_multitask_grads",
     "evaluate",
     "mhgd_transfer_loss",
@@ -78,6 +80,10 @@ _CLIPPED = ("kdsvd", "mhgd")                    # multi-task with per-parameter 
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 """``on_epoch(epoch, metrics)``: global epoch index and ``{"acc/val": …, "loss/train/ce": …}``."""
+CheckpointCallback = Callable[[int, dict[str, float], dict[str, Any]], None]
+"""``on_checkpoint(epoch, metrics, state)``: after every epoch, the run's whole state (tensors, numbers,
+lists, dicts: loadable with ``torch.load(weights_only=True)``); ``run_method(resume=state)`` continues
+from it exactly (same later epochs as an uninterrupted run)."""
 
 
 class MHGDConfig(StrictModel):
@@ -467,10 +473,32 @@ def _mean(acc: Mapping[str, list[float]]) -> dict[str, float]:
 
 
 def _emit(history: list[dict[str, float]], on_epoch: EpochCallback | None, epoch: int,
-          metrics: dict[str, float]) -> None:
+          metrics: dict[str, float], on_checkpoint: CheckpointCallback | None = None,
+          snapshot: Callable[[], dict[str, Any]] | None = None) -> None:
     history.append({"epoch": float(epoch), **metrics})
     if on_epoch is not None:
         on_epoch(epoch, dict(metrics))
+    if on_checkpoint is not None and snapshot is not None:
+        state = {**snapshot(), "history": [dict(h) for h in history], "rng": torch.get_rng_state()}
+        on_checkpoint(epoch, dict(metrics), state)
+
+
+def _cpu(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A state dict's tensors copied to CPU (a checkpoint must not hold device memory)."""
+    return {k: (v.detach().cpu().clone() if isinstance(v, Tensor) else v) for k, v in state.items()}
+
+
+def _restore(resume: Mapping[str, Any]) -> int:
+    """Restore the global RNG of a resumed stage; returns the first epoch (stage-local) still to run."""
+    torch.set_rng_state(resume["rng"])
+    return int(resume["epoch"]) + 1
+
+
+def _reseed(loader: torch.utils.data.DataLoader, seed: int, epoch: int) -> None:
+    """Shuffle order of stage-local ``epoch``: a function of (seed, epoch) alone, so a resumed run sees
+    the same batches as an uninterrupted one, and every method the same order in its student epochs."""
+    if loader.generator is not None:
+        loader.generator.manual_seed(seed * 100_003 + epoch)
 
 
 @torch.no_grad()
@@ -523,8 +551,23 @@ def train_heads(cfg: MHGDConfig | Mapping[str, Any], teacher: FrozenTeacher, tra
     return heads[0], history
 
 
+def build_heads(cfg: MHGDConfig, teachers: TeacherSet, image_shape: tuple[int, int, int],
+                device: torch.device) -> nn.ModuleList:
+    """``heads[t][m]``: one :class:`MultiHeadGraph` per teacher t and module m, widths from the teachers'
+    sensing points (one dummy batch)."""
+    probe = teachers.outputs(torch.zeros(2, *image_shape, device=device), "mhgd")
+    heads = nn.ModuleList()
+    for tt in probe:
+        chans = [int(v.shape[1]) for v in tt.vectors]
+        heads.append(nn.ModuleList(MultiHeadGraph(chans[m], chans[m + 1], cfg.num_heads, cfg.head_dropout)
+                                   for m in range(len(chans) - 1)))
+    return heads.to(device)
+
+
 def train_teacher_heads(cfg: MHGDConfig, teachers: TeacherSet, train_ds: Any, device: torch.device,
-                        on_epoch: EpochCallback | None, history: list[dict[str, float]]) -> nn.ModuleList:
+                        on_epoch: EpochCallback | None, history: list[dict[str, float]], *,
+                        resume: Mapping[str, Any] | None = None,
+                        on_checkpoint: CheckpointCallback | None = None) -> nn.ModuleList:
     """Phase 1 for every teacher of ``teachers`` at once: ``heads[t][m]`` for teacher t, module m.
 
     The teachers' phase-1 losses are summed into one optimiser step; their heads share nothing, so
@@ -532,21 +575,19 @@ def train_teacher_heads(cfg: MHGDConfig, teachers: TeacherSet, train_ds: Any, de
     per teacher and module, ``loss/phase1/train/m<m>`` (one teacher) or ``…/<teacher>/m<m>``.
     """
     loader = _train_loader(train_ds, cfg)
-    # the module widths come from the teachers' sensing points (one dummy batch)
-    c, h, w = _image_shape(train_ds)
-    probe = teachers.outputs(torch.zeros(2, c, h, w, device=device), "mhgd")
-    heads = nn.ModuleList()
-    for tt in probe:
-        chans = [int(v.shape[1]) for v in tt.vectors]
-        heads.append(nn.ModuleList(MultiHeadGraph(chans[m], chans[m + 1], cfg.num_heads, cfg.head_dropout)
-                                   for m in range(len(chans) - 1)))
-    heads = heads.to(device)
+    heads = build_heads(cfg, teachers, _image_shape(train_ds), device)
     opt = _sgd(heads.parameters(), cfg.phase1_lr, cfg, cfg.phase1_weight_decay)
+    start = 0
+    if resume is not None:  # a checkpoint taken during phase 1
+        heads.load_state_dict(resume["heads"])
+        opt.load_state_dict(resume["heads_opt"])
+        start = _restore(resume)
     heads.train()
     names = [""] if len(teachers) == 1 else [f"{n}/" for n in teachers.names]
-    for epoch in range(cfg.phase1_epochs):
+    for epoch in range(start, cfg.phase1_epochs):
         t0 = time.perf_counter()
         _set_epoch(train_ds, epoch)
+        _reseed(loader, cfg.seed, epoch)
         acc: dict[str, list[float]] = defaultdict(list)
         for batch in loader:
             x, _ = _xy(batch, device)
@@ -563,7 +604,9 @@ def train_teacher_heads(cfg: MHGDConfig, teachers: TeacherSet, train_ds: Any, de
         metrics = _mean(acc)
         metrics["lr"] = cfg.phase1_lr
         metrics["time/epoch_s"] = time.perf_counter() - t0
-        _emit(history, on_epoch, epoch, metrics)
+        _emit(history, on_epoch, epoch, metrics, on_checkpoint,
+              lambda: {"stage": "phase1", "epoch": epoch, "heads": _cpu(heads.state_dict()),
+                       "heads_opt": opt.state_dict()})
     for per_teacher in heads:
         for head in per_teacher:
             head.freeze()
@@ -576,7 +619,8 @@ def train_teacher_heads(cfg: MHGDConfig, teachers: TeacherSet, train_ds: Any, de
 
 def _init_stage(cfg: MHGDConfig, method: str, student: TappedModel, points: list[str], ab_points: list[str],
                 teachers: TeacherSet, train_ds: Any, device: torch.device, on_epoch: EpochCallback | None,
-                history: list[dict[str, float]]) -> None:
+                history: list[dict[str, float]], resume: Mapping[str, Any] | None = None,
+                on_checkpoint: CheckpointCallback | None = None) -> None:
     """Train the student (and AB's connectors, one set per teacher) on the distillation loss alone for
     ``init_stage_epochs``; with several teachers the losses are summed."""
     epochs = cfg.init_stage_epochs
@@ -597,12 +641,20 @@ def _init_stage(cfg: MHGDConfig, method: str, student: TappedModel, points: list
                                                 [int(f.shape[1]) for f in t_feats]) for t_feats, _ in probes).to(device)
         extra = list(connectors.parameters())
     opt = _sgd(list(student.parameters()) + extra, cfg.lr, cfg, cfg.weight_decay)
+    start = 0
+    if resume is not None:  # a checkpoint taken during the initialisation stage
+        student.model.load_state_dict(resume["student"])
+        if connectors is not None:
+            connectors.load_state_dict(resume["connectors"])
+        opt.load_state_dict(resume["opt"])
+        start = _restore(resume)
     student.train()
     if connectors is not None:
         connectors.train()
-    for epoch in range(epochs):
+    for epoch in range(start, epochs):
         t0 = time.perf_counter()
         _set_epoch(train_ds, epoch)
+        _reseed(loader, cfg.seed, epoch)
         acc: dict[str, list[float]] = defaultdict(list)
         for batch in loader:
             x, _ = _xy(batch, device)
@@ -621,7 +673,10 @@ def _init_stage(cfg: MHGDConfig, method: str, student: TappedModel, points: list
         metrics = _mean(acc)
         metrics["lr"] = cfg.lr
         metrics["time/epoch_s"] = time.perf_counter() - t0
-        _emit(history, on_epoch, epoch, metrics)
+        _emit(history, on_epoch, epoch, metrics, on_checkpoint,
+              lambda: {"stage": "init", "epoch": epoch, "student": _cpu(student.model.state_dict()),
+                       "connectors": _cpu(connectors.state_dict()) if connectors is not None else {},
+                       "opt": opt.state_dict()})
 
 
 # --------------------------------------------------------------------------------------------
@@ -631,16 +686,27 @@ def _init_stage(cfg: MHGDConfig, method: str, student: TappedModel, points: list
 def _fit(cfg: MHGDConfig, method: str, tapped: TappedModel, points: list[str], train_ds: Any, val_ds: Any,
          device: torch.device, epochs: int, epoch_offset: int, teachers: TeacherSet | None,
          heads: nn.ModuleList | None, on_epoch: EpochCallback | None,
-         history: list[dict[str, float]]) -> dict[str, Any]:
+         history: list[dict[str, float]], resume: Mapping[str, Any] | None = None,
+         on_checkpoint: CheckpointCallback | None = None) -> dict[str, Any]:
     loader = _train_loader(train_ds, cfg)
     params = [p for p in tapped.parameters() if p.requires_grad]
     opt = _sgd(params, cfg.lr, cfg, cfg.weight_decay)
     sched = _scheduler(opt, cfg, epochs)
     best, last = 0.0, 0.0
-    for e in range(epochs):
+    start = 0
+    if resume is not None:  # a checkpoint taken during the student's epochs
+        tapped.model.load_state_dict(resume["student"])
+        opt.load_state_dict(resume["opt"])
+        sched.load_state_dict(resume["sched"])
+        best, last = float(resume["best"]), float(resume["last"])
+        start = _restore(resume)
+    # frozen heads (mhgd) are part of a student-stage checkpoint: a resumed run rebuilds them from it
+    frozen_heads = _cpu(heads.state_dict()) if heads is not None and on_checkpoint is not None else {}
+    for e in range(start, epochs):
         epoch = epoch_offset + e
         t0 = time.perf_counter()
         _set_epoch(train_ds, e)
+        _reseed(loader, cfg.seed, e)
         tapped.train()
         acc: dict[str, list[float]] = defaultdict(list)
         correct = seen = 0
@@ -697,7 +763,10 @@ def _fit(cfg: MHGDConfig, method: str, tapped: TappedModel, points: list[str], t
         metrics["time/epoch_s"] = time.perf_counter() - t0
         last = ev["acc"]
         best = max(best, last)
-        _emit(history, on_epoch, epoch, metrics)
+        _emit(history, on_epoch, epoch, metrics, on_checkpoint,
+              lambda: {"stage": "fit", "epoch": e, "student": _cpu(tapped.model.state_dict()),
+                       "opt": opt.state_dict(), "sched": sched.state_dict(), "best": best, "last": last,
+                       "heads": frozen_heads})
     return {"best_acc": best, "last_acc": last}
 
 
@@ -764,7 +833,9 @@ def train_teacher_classifier(cfg: MHGDConfig | Mapping[str, Any], train_ds: Any,
 
 def run_method(cfg: MHGDConfig | Mapping[str, Any],
                teacher_model: nn.Module | Sequence[nn.Module] | TeacherSet | None, train_ds: Any, val_ds: Any,
-               on_epoch: EpochCallback | None = None, *, return_model: bool = False) -> dict[str, Any]:
+               on_epoch: EpochCallback | None = None, *, return_model: bool = False,
+               on_checkpoint: CheckpointCallback | None = None,
+               resume: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Train a student from ``cfg.student`` with ``cfg.method``, distilling from ``teacher_model``.
 
     Args:
@@ -777,6 +848,9 @@ def run_method(cfg: MHGDConfig | Mapping[str, Any],
             :class:`~mike_ray.data.classification.ClassificationDataset`; ``train_ds`` augmented).
         on_epoch: called after every epoch (phase 1 / initialisation epochs included).
         return_model: also return the trained student under ``"student"`` (eval mode).
+        on_checkpoint: called after every epoch with the run's state (see :data:`CheckpointCallback`).
+        resume: a state given to ``on_checkpoint`` by an earlier run of the same config and data:
+            training continues after that epoch, with the same results as an uninterrupted run.
 
     Returns:
         ``{"method", "best_acc", "last_acc", "history"}``: best and last validation accuracy over the
@@ -794,7 +868,8 @@ def run_method(cfg: MHGDConfig | Mapping[str, Any],
     limit_threads(cfg.threads)
     device = resolve_device(cfg.device)
     method = cfg.method
-    history: list[dict[str, float]] = []
+    history: list[dict[str, float]] = [dict(h) for h in resume["history"]] if resume is not None else []
+    stage = resume["stage"] if resume is not None else None
     points = cfg.points_student
     with _seeded(cfg.seed, device):
         num_classes = _num_classes(train_ds, cfg.student, "student")
@@ -818,18 +893,30 @@ def run_method(cfg: MHGDConfig | Mapping[str, Any],
 
         offset = 0
         heads: nn.ModuleList | None = None
+        # --- phase 1 (mhgd) or the initialisation stage (fsp, ab); skipped when resuming after it ---
         if method == "mhgd":
             assert teacher is not None
-            heads = train_teacher_heads(cfg, teacher, train_ds, device, on_epoch, history)
+            if stage == "fit":
+                heads = build_heads(cfg, teacher, shape, device)
+                heads.load_state_dict(resume["heads"])
+                for per_teacher in heads:
+                    for head in per_teacher:
+                        head.freeze()
+            else:
+                heads = train_teacher_heads(cfg, teacher, train_ds, device, on_epoch, history,
+                                            resume=resume if stage == "phase1" else None, on_checkpoint=on_checkpoint)
             offset = cfg.phase1_epochs
         elif method in ("fsp", "ab"):
             assert teacher is not None
-            _init_stage(cfg, method, tapped, points, ab_points, teacher, train_ds, device, on_epoch, history)
+            if stage != "fit":
+                _init_stage(cfg, method, tapped, points, ab_points, teacher, train_ds, device, on_epoch, history,
+                            resume if stage == "init" else None, on_checkpoint)
             offset = cfg.init_stage_epochs
-        # after FSP/AB initialisation the student continues with cross-entropy only
+        # --- the student; after FSP/AB initialisation it continues with cross-entropy only ---------
         fit_method = "student" if method in ("fsp", "ab") else method
         res = _fit(cfg, fit_method, tapped, points, train_ds, val_ds, device, cfg.epochs, offset,
-                   teacher if fit_method != "student" else None, heads, on_epoch, history)
+                   teacher if fit_method != "student" else None, heads, on_epoch, history,
+                   resume if stage == "fit" else None, on_checkpoint)
     out: dict[str, Any] = {"method": method, **res, "history": history}
     if return_model:
         out["student"] = student.eval()

@@ -3,11 +3,13 @@
 The training itself is :func:`mike_ray.mhgd.train.run_method` (phase 1, then the student, readable top
 to bottom there); this wrapper only feeds it data and teachers inside a Train worker and reports:
 
-* every epoch's metrics with ``ray.train.report`` (``epoch`` + ``acc/val``, ``loss/…``: path names);
+* every epoch's metrics with ``ray.train.report`` (``epoch`` + ``acc/val``, ``loss/…``: path names),
+  each with a checkpoint holding ``state.pt``: the run's whole state after that epoch (phase-1 heads,
+  student, optimiser, lr schedule, RNG, history). A worker restarted by ``FailureConfig`` resumes from
+  it and finishes exactly like an uninterrupted run: a killed worker costs the epoch in flight;
 * at the end, a checkpoint holding ``student.pt`` (state dict) and ``result.json`` (best/last accuracy,
-  history). A restarted worker (FailureConfig) or a re-run of the same Train run that finds that
-  checkpoint reports it again instead of training twice. There is no mid-run checkpoint: a worker
-  killed during training restarts the run from its beginning (see docs/reliability.md).
+  history). A restart or a re-run of the same Train run that finds it reports it again instead of
+  training twice.
 
 One worker: the attention graphs relate the samples of one batch, so data-parallel workers would
 each see a different graph; a bigger ``batch_size`` on one device is the paper's way to scale N.
@@ -23,6 +25,7 @@ import torch
 
 RESULT_FILE = "result.json"
 STUDENT_FILE = "student.pt"
+STATE_FILE = "state.pt"
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
@@ -33,7 +36,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     from mike_ray.data.classification import ClassificationData, load_splits
     from mike_ray.mhgd.train import MHGDConfig, run_method
 
-    # --- a finished run (restart or re-run): report its result again ----------------------------------
+    from mike_ray.models.registry import load_torch_file
+
+    # --- a finished run (restart or re-run): report its result again; an unfinished one: resume ------
+    resume = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -41,6 +47,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 res = json.loads((Path(d) / RESULT_FILE).read_text())
                 ray.train.report(_final(res), checkpoint=ckpt)
                 return
+            resume = load_torch_file(Path(d) / STATE_FILE, "MHGD run state")  # weights_only=True
 
     cfg = MHGDConfig.model_validate(config["mhgd"])
     data = ClassificationData.model_validate(config["data"])
@@ -57,11 +64,14 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         teachers = LocalTeachers([frozen_teacher(cfg, load_classifier(Path(r.path), device)[0]) for r in config["refs"]],
                                  [r.name for r in config["refs"]])
 
-    # --- train, reporting each epoch -----------------------------------------------------------------
-    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        ray.train.report({"epoch": float(epoch), **metrics})
+    # --- train, reporting each epoch with the run's state as a checkpoint ----------------------------
+    def on_checkpoint(epoch: int, metrics: dict[str, float], state: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state, Path(d) / STATE_FILE)
+            ray.train.report({"epoch": float(epoch), **metrics}, checkpoint=ray.train.Checkpoint.from_directory(d))
 
-    res = run_method(cfg, teachers, train_ds, val_ds, on_epoch, return_model=True)
+    res = run_method(cfg, teachers, train_ds, val_ds, return_model=True, on_checkpoint=on_checkpoint,
+                     resume=resume)
     student = res.pop("student")
     res["retries"] = int(getattr(teachers, "retries", 0))
 
