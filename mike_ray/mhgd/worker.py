@@ -25,7 +25,7 @@ import torch
 
 RESULT_FILE = "result.json"
 STUDENT_FILE = "student.pt"
-STATE_FILE = "state.pt"
+STATE_FILE = "mhgd_state.pt"  # not MIKE's state.pt: a different layout
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
