@@ -22,7 +22,7 @@ from torch import Tensor
 
 from mike_ray.errors import ModelError
 from mike_ray.mhgd.train import LocalTeachers, MHGDConfig, TeacherSet, TeacherTargets, frozen_teacher
-from mike_ray.teachers.shard import PlacementConfig, call_shards, partition
+from mike_ray.teachers.shard import PlacementConfig, call_shards, partition, start_shard_actors
 from mike_ray.utils import limit_threads, resolve_device
 
 __all__ = ["ClassifierRef", "ClassifierShard", "ShardTeachers"]
@@ -91,18 +91,9 @@ class ShardTeachers(TeacherSet):
             return
         import ray
 
-        actor = ray.remote(ClassifierShard)
-        base = dict(num_cpus=placement.cpus_per_shard, num_gpus=placement.gpus_per_shard,
-                    max_restarts=placement.max_restarts, max_task_retries=0)
-        self.shards = []
-        for i, g in enumerate(self.groups):
-            opts = dict(base)
-            if placement_group is not None:
-                from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                    placement_group, placement_group_bundle_index=first_bundle + i)
-            self.shards.append(actor.options(**opts).remote(g, cfg_dict, placement.device, placement.threads))
+        self.shards = start_shard_actors(ClassifierShard, [(g, cfg_dict, placement.device, placement.threads)
+                                                           for g in self.groups],
+                                         placement, placement_group, first_bundle)
         ray.get([s.ping.remote() for s in self.shards])  # weights load now: a bad teacher fails here
 
     def outputs(self, x: Tensor, method: str) -> list[TeacherTargets]:

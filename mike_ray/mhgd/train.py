@@ -494,9 +494,11 @@ def _restore(resume: Mapping[str, Any]) -> int:
     return int(resume["epoch"]) + 1
 
 
-def _reseed(loader: torch.utils.data.DataLoader, seed: int, epoch: int) -> None:
-    """Shuffle order of stage-local ``epoch``: a function of (seed, epoch) alone, so a resumed run sees
-    the same batches as an uninterrupted one, and every method the same order in its student epochs."""
+def _start_epoch(ds: Any, loader: torch.utils.data.DataLoader, seed: int, epoch: int) -> None:
+    """Augmentation and shuffle order of stage-local ``epoch``: functions of (seed, epoch) alone, so a
+    resumed run sees the same batches as an uninterrupted one, and every method the same order in its
+    student epochs."""
+    _set_epoch(ds, epoch)
     if loader.generator is not None:
         loader.generator.manual_seed(seed * 100_003 + epoch)
 
@@ -586,8 +588,7 @@ def train_teacher_heads(cfg: MHGDConfig, teachers: TeacherSet, train_ds: Any, de
     names = [""] if len(teachers) == 1 else [f"{n}/" for n in teachers.names]
     for epoch in range(start, cfg.phase1_epochs):
         t0 = time.perf_counter()
-        _set_epoch(train_ds, epoch)
-        _reseed(loader, cfg.seed, epoch)
+        _start_epoch(train_ds, loader, cfg.seed, epoch)
         acc: dict[str, list[float]] = defaultdict(list)
         for batch in loader:
             x, _ = _xy(batch, device)
@@ -653,8 +654,7 @@ def _init_stage(cfg: MHGDConfig, method: str, student: TappedModel, points: list
         connectors.train()
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
-        _set_epoch(train_ds, epoch)
-        _reseed(loader, cfg.seed, epoch)
+        _start_epoch(train_ds, loader, cfg.seed, epoch)
         acc: dict[str, list[float]] = defaultdict(list)
         for batch in loader:
             x, _ = _xy(batch, device)
@@ -705,8 +705,7 @@ def _fit(cfg: MHGDConfig, method: str, tapped: TappedModel, points: list[str], t
     for e in range(start, epochs):
         epoch = epoch_offset + e
         t0 = time.perf_counter()
-        _set_epoch(train_ds, e)
-        _reseed(loader, cfg.seed, e)
+        _start_epoch(train_ds, loader, cfg.seed, e)
         tapped.train()
         acc: dict[str, list[float]] = defaultdict(list)
         correct = seen = 0

@@ -205,19 +205,9 @@ class ShardGroup:
         else:
             import ray
 
-            actor_cls = ray.remote(TeacherShard)
-            base = dict(num_cpus=placement.cpus_per_shard, num_gpus=placement.gpus_per_shard,
-                        max_restarts=placement.max_restarts, max_task_retries=0)
-            self.shards = []
-            for i, g in enumerate(self.groups):
-                opts = dict(base)
-                if placement_group is not None:
-                    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-                    opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                        placement_group, placement_group_bundle_index=first_bundle + i)
-                self.shards.append(actor_cls.options(**opts).remote(
-                    g, placement.device, placement.threads, placement.bf16, dtype))
+            self.shards = start_shard_actors(TeacherShard, [(g, placement.device, placement.threads, placement.bf16,
+                                                             dtype) for g in self.groups],
+                                             placement, placement_group, first_bundle)
             self._taps = {}
             for taps in ray.get([s.taps.remote() for s in self.shards]):
                 self._taps.update(taps)
@@ -265,6 +255,28 @@ class ShardGroup:
             for s in self.shards:
                 ray.kill(s, no_restart=True)
         self.shards = []
+
+
+def start_shard_actors(cls: type, args: Sequence[tuple], placement: PlacementConfig,
+                       placement_group: object | None = None, first_bundle: int = 0) -> list[Any]:
+    """One Ray actor of ``cls`` per entry of ``args`` (its constructor arguments), with the shard's CPUs,
+    GPUs and restart policy from ``placement``; actor i goes to bundle ``first_bundle + i`` of
+    ``placement_group`` when given (a Tune trial reserves them, so the autoscaler sees the demand)."""
+    import ray
+
+    actor = ray.remote(cls)
+    base = dict(num_cpus=placement.cpus_per_shard, num_gpus=placement.gpus_per_shard,
+                max_restarts=placement.max_restarts, max_task_retries=0)
+    shards = []
+    for i, a in enumerate(args):
+        opts = dict(base)
+        if placement_group is not None:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group, placement_group_bundle_index=first_bundle + i)
+        shards.append(actor.options(**opts).remote(*a))
+    return shards
 
 
 def call_shards(shards: Sequence[Any], labels: Sequence[str], method: str, args: Sequence[Any],
