@@ -59,38 +59,63 @@ def tiny_zoo(tiny_prepared, ray_local, tmp_path_factory) -> Path:
 
 
 # --- fault injection ---------------------------------------------------------------------------------
-def kill_train_worker_after_first_checkpoint(run_dir: Path, ckpt_file: str, keep: Path, seen: dict) -> None:
-    """Thread body: once Ray Train has *registered* a checkpoint of ``run_dir`` (its snapshot lists it,
-    not merely written), copy that checkpoint's ``ckpt_file`` to ``keep`` (Train may rotate it away),
-    then SIGKILL this session's ``RayTrainWorker`` processes. Records ``seen["killed"]`` (pids) and
-    ``seen["checkpoint"]``."""
+# Faults are real: SIGKILL of a Ray process, found by the title Ray gives it ("ray::<Class>" while an
+# actor idles, "ray::<Class>.<method>" while it runs a call). Only this session's Ray processes (those
+# descending from this test process) are touched, never another Ray on the machine.
+def session_processes(title_prefix: str) -> list[int]:
+    """Pids of this session's processes whose title starts with ``title_prefix``."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            title = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        pid = int(cmdline.parent.name)
+        if title.startswith(title_prefix) and _descends_from(pid, os.getpid()):
+            pids.append(pid)
+    return pids
+
+
+def registered_checkpoints(run_dir: Path) -> list[str]:
+    """Checkpoint folder names that Ray Train has *registered* for ``run_dir`` (its snapshot lists them,
+    so they are complete), oldest first."""
     import json
-    import shutil
+
+    try:
+        snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        return [c["checkpoint_dir_name"] for c in snap["checkpoint_results"]]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def kill_processes(title_prefix: str, seen: dict, key: str, first_only: bool = False) -> bool:
+    """SIGKILL this session's processes titled ``title_prefix…``; appends their pids to ``seen[key]``."""
     import signal
+
+    pids = session_processes(title_prefix)[:1] if first_only else session_processes(title_prefix)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        seen.setdefault(key, []).append(pid)
+    return bool(seen.get(key))
+
+
+def kill_train_worker_after_first_checkpoint(run_dir: Path, ckpt_file: str, keep: Path, seen: dict) -> None:
+    """Thread body: once Ray Train has registered a checkpoint of ``run_dir``, copy that checkpoint's
+    ``ckpt_file`` to ``keep`` (Train may rotate it away), then SIGKILL this session's ``RayTrainWorker``
+    processes. Records ``seen["killed"]`` (pids) and ``seen["checkpoint"]``."""
+    import shutil
     import time
 
     deadline = time.time() + 240
     while time.time() < deadline:
-        snap = run_dir / "checkpoint_manager_snapshot.json"
-        try:
-            listed = [c["checkpoint_dir_name"] for c in json.loads(snap.read_text())["checkpoint_results"]]
-        except (OSError, ValueError, KeyError):
-            listed = []
+        listed = registered_checkpoints(run_dir)
         if listed:
             shutil.copy(run_dir / listed[-1] / ckpt_file, keep)
             seen["checkpoint"] = keep
-            # Ray titles an actor's process "ray::<Class>…" (no dashboard here for the state API); only
-            # this session's Ray (started by this process) is touched, never another one on the machine
-            for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-                try:
-                    title = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                except OSError:
-                    continue
-                pid = int(cmdline.parent.name)
-                if title.startswith("ray::RayTrainWorker") and _descends_from(pid, os.getpid()):
-                    os.kill(pid, signal.SIGKILL)
-                    seen.setdefault("killed", []).append(pid)
-            if seen.get("killed"):
+            if kill_processes("ray::RayTrainWorker", seen, "killed"):
                 return
         time.sleep(0.05)
 

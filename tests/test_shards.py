@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_AE, TINY_TASKS
+from conftest import TINY_AE, TINY_TASKS, kill_processes, registered_checkpoints
 from mike_ray.data.tasks import TASK_CODES
 from mike_ray.mike.loss import task_mask, teacher_loss
 from mike_ray.mike.schedules import ScheduleConfig, make_schedule
@@ -89,21 +89,23 @@ def test_masking_changes_the_gradient(tiny_zoo, ray_local) -> None:
 
 @pytest.mark.slow
 def test_a_killed_shard_is_restarted_and_its_step_retried(tiny_zoo, tiny_prepared, ray_local, tmp_path) -> None:
-    import ray
-
     placement = PlacementConfig(mode="ray", teachers_per_shard=2, cpus_per_shard=0.5, device="cpu")
     group = ShardGroup(teacher_refs(tiny_zoo, ["DCH", "CTB"]), placement)
     cfg = TransferConfig(model=TINY_AE, epochs=3, batch_size=8, val_batches=1, device="cpu")
     storage, name = tmp_path / "runs", "kill-shard"
-    killed = threading.Event()
+    seen: dict = {}
+    stop = threading.Event()
 
     def killer() -> None:
-        # kill the shard once the first epoch's checkpoint exists, i.e. mid-training
+        # after the first checkpoint, SIGKILL the shard while it computes a step (its process title is
+        # "ray::TeacherShard.step" only then): between two calls a restart would go unnoticed
         deadline = time.time() + 120
-        while time.time() < deadline and not list((storage / name).glob("checkpoint_*")):
-            time.sleep(0.2)
-        ray.kill(group.shards[0], no_restart=False)
-        killed.set()
+        while time.time() < deadline and not stop.is_set() and not registered_checkpoints(storage / name):
+            time.sleep(0.05)
+        while time.time() < deadline and not stop.is_set():
+            if kill_processes("ray::TeacherShard.step", seen, "killed", first_only=True):
+                return
+            time.sleep(0.01)
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
@@ -111,9 +113,31 @@ def test_a_killed_shard_is_restarted_and_its_step_retried(tiny_zoo, tiny_prepare
         res = run_transfer(cfg, [], tiny_prepared, ["DCH", "CTB"], placement,
                            WorkersConfig(num_workers=1, cpus_per_worker=0.5), storage, name, shards=group)
     finally:
+        stop.set()
         group.shutdown()
     t.join(5)
-    assert killed.is_set()
+    assert seen.get("killed"), "the shard was not killed mid-step"
     assert [h["epoch"] for h in res.history] == [0, 1, 2]  # training finished
     assert res.retries >= 1  # the step that hit the dead shard was sent again
-    print(f"steps retried after ray.kill: {res.retries}")
+    print(f"steps retried after SIGKILL of the shard: {res.retries}")
+
+
+@pytest.mark.slow
+def test_a_shard_that_cannot_come_back_fails_the_step_with_one_line(tiny_zoo, ray_local) -> None:
+    import ray
+
+    from mike_ray.errors import TrainingError
+
+    placement = PlacementConfig(mode="ray", teachers_per_shard=2, cpus_per_shard=0.5, device="cpu", max_restarts=0)
+    group = ShardGroup(teacher_refs(tiny_zoo, ["DCH", "CTB"]), placement)
+    x, task_ids = _batch()
+    w = {"DCH": {"head": 1.0}, "CTB": {"head": 1.0}}
+    try:
+        ray.kill(group.shards[0], no_restart=True)
+        t0 = time.monotonic()
+        with pytest.raises(TrainingError, match=r"teacher shard 0 \(DCH, CTB\): died and will not be restarted") as err:
+            group.step(x.float(), x.float(), task_ids[:6], w)
+        assert "\n" not in str(err.value)
+        assert time.monotonic() - t0 < 30  # fails fast, does not wait out restart_timeout_s
+    finally:
+        group.shutdown()

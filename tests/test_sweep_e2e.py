@@ -1,8 +1,10 @@
 """The main job end to end on a real local Ray, real MLflow store, real generated COCO data.
 
-One smoke sweep (tiny, from sweeps/demo.yaml's `smoke` profile) is run once per module; the tests
-read what it left through the MLflow client, an `mlflow server` REST API, a killed-and-resumed run
-and a `ray job submit` to a local head.
+One smoke sweep (tiny, from sweeps/demo.yaml's `smoke` profile, 3 transfer epochs) is run once per
+module, with two real faults injected into its MIKE trial: its trainer worker is SIGKILLed after the
+first registered checkpoint, then one of its teacher shards in the middle of a step. The tests read
+what it left through the MLflow client, an `mlflow server` REST API, a killed-and-resumed run and a
+`ray job submit` to a local head.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import kill_processes, registered_checkpoints, session_processes
 from mike_ray.config import load_sweep
 from mike_ray.orchestrate.driver import run_sweep
 
@@ -28,10 +31,51 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smoke(ray_local, tmp_path_factory):
+    import threading
+
     out = tmp_path_factory.mktemp("sweep-out")
-    cfg = load_sweep(SWEEP, [f"output={out}", "study.trials=1", "search.teacher_subset=[three]"], profile="smoke")
-    summary = run_sweep(cfg, SWEEP)
-    return cfg, summary
+    cfg = load_sweep(SWEEP, [f"output={out}", "study.trials=1", "search.teacher_subset=[three]",
+                             "transfer.epochs=3"], profile="smoke")
+    faults: dict = {"keep": out / "checkpoint-at-worker-kill.pt", "stop": threading.Event()}
+    injector = threading.Thread(target=_inject_faults, args=(cfg.output_dir() / "sweeps" / cfg.name / "runs", faults),
+                                daemon=True)
+    injector.start()
+    try:
+        summary = run_sweep(cfg, SWEEP)
+    finally:
+        faults["stop"].set()  # never touch a later test's processes
+        injector.join(5)
+    return cfg, summary, faults
+
+
+def _inject_faults(runs_dir: Path, seen: dict) -> None:
+    """Thread body, during the sweep's MIKE trial (the one with shards; the pixel baseline runs before it):
+    1. once Train has registered the trial's first checkpoint, keep a copy of it and SIGKILL the trainer
+       worker (Train's FailureConfig restarts the group from that checkpoint);
+    2. once the restarted worker is training again, SIGKILL a teacher shard while it runs a step (Ray
+       restarts the actor; the step is sent again)."""
+    import shutil
+
+    from mike_ray.mike.train import CKPT_FILE
+
+    deadline = time.time() + 400
+    go = lambda: time.time() < deadline and not seen["stop"].is_set()  # noqa: E731
+    while go() and not session_processes("ray::TeacherShard"):
+        time.sleep(0.05)
+    baseline_runs = {p.name for p in runs_dir.glob("*")}
+    while go() and not seen.get("workers"):
+        for run in (p for p in runs_dir.glob("*") if p.name not in baseline_runs):
+            listed = registered_checkpoints(run)
+            if listed:
+                shutil.copy(run / listed[-1] / CKPT_FILE, seen["keep"])
+                seen["run"] = run.name
+                kill_processes("ray::RayTrainWorker", seen, "workers")
+        time.sleep(0.05)
+    while go():
+        restarted = [p for p in session_processes("ray::RayTrainWorker") if p not in seen.get("workers", [])]
+        if restarted and kill_processes("ray::TeacherShard.step", seen, "shards", first_only=True):
+            return
+        time.sleep(0.02)
 
 
 def _client(summary):
@@ -48,7 +92,7 @@ def _artifacts(client, run_id: str, path: str = "") -> set[str]:
 
 
 def test_mlflow_holds_the_parent_run_and_its_trials(smoke) -> None:
-    cfg, summary = smoke
+    cfg, summary, _ = smoke
     client = _client(summary)
     parent = client.get_run(summary.parent_run_id)
     assert parent.info.status == "FINISHED"
@@ -79,6 +123,37 @@ def test_mlflow_holds_the_parent_run_and_its_trials(smoke) -> None:
     assert summary.tracking.uri in report and "mlflow ui" in report and "three" in report
 
 
+def test_the_trial_survives_a_killed_trainer_worker_and_a_killed_shard_and_loses_nothing(smoke) -> None:
+    from mike_ray.mike.train import CKPT_FILE, load_checkpoint
+
+    cfg, summary, faults = smoke
+    assert faults.get("workers"), "no trainer worker was killed"
+    assert faults.get("shards"), "no teacher shard was killed mid-step"
+    client = _client(summary)
+    exp = client.get_run(summary.parent_run_id).info.experiment_id
+    trial_runs = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{summary.parent_run_id}' and "
+                                           "tags.`mike_ray.stage` = 'trial'")
+    mike = [r for r in trial_runs if r.data.tags["mike_ray.trial_id"] == faults["run"]]
+    assert len(mike) == 1 and mike[0].info.status == "FINISHED"  # one MLflow run, not one per restart
+    run = mike[0]
+    # every epoch once, and the final metrics are there
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss/train/total")]
+    assert steps == list(range(cfg.transfer.epochs))
+    assert {"score/mean_norm_iou", "norm_iou/DCH", "shard/retries_total"} <= set(run.data.metrics)
+    assert run.data.metrics["shard/retries_total"] >= 1  # the step that hit the dead shard was sent again
+    # lost: at most the epoch in flight at the worker kill — the epochs checkpointed before it are the
+    # stored ones (their measured times included), not re-runs
+    saved = load_checkpoint(faults["keep"]).history
+    record = next(t for t in summary.trials if t["trial_id"] == faults["run"])
+    final = load_checkpoint(Path(record["checkpoint"]) / CKPT_FILE).history
+    assert saved and len(saved) < cfg.transfer.epochs, "the transfer had finished before the kill"
+    assert final[:len(saved)] == saved
+    assert [h["epoch"] for h in final] == list(range(cfg.transfer.epochs))
+    print(f"killed trainer worker(s) {faults['workers']} after epoch {len(saved) - 1}, shard {faults['shards']} "
+          f"mid-step; {int(run.data.metrics['shard/retries_total'])} step(s) re-sent; "
+          f"{len(steps)}/{cfg.transfer.epochs} epochs, 1 MLflow run")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -86,7 +161,7 @@ def _free_port() -> int:
 
 
 def test_an_mlflow_server_serves_the_runs_over_rest(smoke) -> None:
-    _, summary = smoke
+    _, summary, _ = smoke
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", summary.tracking.uri,
                                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
@@ -124,7 +199,7 @@ def _env(ray_local) -> dict[str, str]:
 def test_a_killed_sweep_driver_resumes_without_rerunning_finished_trials(smoke, ray_local) -> None:
     import mlflow
 
-    cfg, summary = smoke
+    cfg, summary, _ = smoke
     out = cfg.output_dir()
     args = [sys.executable, "-m", "mike_ray.sweep", str(SWEEP), "--profile", "smoke", "--set", f"output={out}",
             "--set", "name=resume", "--set", "study.trials=1", "--set", "search.teacher_subset=[three]"]

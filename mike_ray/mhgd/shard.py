@@ -109,7 +109,7 @@ class ShardTeachers(TeacherSet):
 
         refs = [ray.put(a) if isinstance(a, torch.Tensor) else a for a in args]  # one copy for every shard
         labels = [", ".join(r.name for r in g) for g in self.groups]
-        outs, retried = call_shards(self.shards, labels, fn, refs, self.placement.step_retries)
+        outs, retried = call_shards(self.shards, labels, fn, refs, self.placement)
         self.retries += retried
         return outs
 

@@ -51,6 +51,9 @@ class PlacementConfig(StrictModel):
     bf16: bool = False  # bf16 autocast for teacher forwards (GPU)
     max_restarts: int = Field(3, ge=0)  # Ray restarts a dead shard this many times
     step_retries: int = Field(3, ge=0)  # a step whose shard died is sent again this many times
+    # how long a step waits for a dead shard to come back (Ray restarts it; its constructor reloads the
+    # teachers, which on a cold node means imports and weights: many seconds)
+    restart_timeout_s: float = Field(300.0, gt=0)
 
 
 @dataclass
@@ -243,7 +246,7 @@ class ShardGroup:
         refs = [ray.put(t.detach().cpu()) for t in (x, xbar, task_ids)]
         labels = [", ".join(r.name for r in g) for g in self.groups]
         outs, retried = call_shards(self.shards, labels, "step", (*refs, weights, masking, need_grad),
-                                    self.placement.step_retries)
+                                    self.placement)
         self.retries += retried
         return outs
 
@@ -280,13 +283,15 @@ def start_shard_actors(cls: type, args: Sequence[tuple], placement: PlacementCon
 
 
 def call_shards(shards: Sequence[Any], labels: Sequence[str], method: str, args: Sequence[Any],
-                max_retries: int) -> tuple[list[Any], int]:
+                placement: PlacementConfig) -> tuple[list[Any], int]:
     """``shard.<method>.remote(*args)`` on every shard actor at once; returns the answers in shard
     order and how many calls were sent again.
 
-    A shard that dies mid-call is restarted by Ray (``max_restarts``; its constructor reloads its
-    teachers) and the call is sent again, up to ``max_retries`` times per call: a shard call is a pure
-    function of its arguments, so repeating it is safe. Past that, a one-line :class:`TrainingError`.
+    A shard that dies mid-call is restarted by Ray (``placement.max_restarts``; its constructor reloads
+    its teachers). The call waits until the shard answers a ping again (at most
+    ``placement.restart_timeout_s``) and is then sent again, up to ``placement.step_retries`` times per
+    call: a shard call is a pure function of its arguments, so repeating it is safe. Past either
+    limit, a one-line :class:`TrainingError`.
     """
     import ray
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -303,9 +308,33 @@ def call_shards(shards: Sequence[Any], labels: Sequence[str], method: str, args:
         except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
             attempts[i] += 1
             retried += 1
-            if attempts[i] > max_retries:
+            if attempts[i] > placement.step_retries:
                 raise TrainingError(f"teacher shard {i} ({labels[i]}): died {attempts[i]} times in one "
                                     f"{method} call: {type(err).__name__}") from None
-            time.sleep(min(2.0, 0.25 * attempts[i]))
+            _wait_until_back(shards[i], f"teacher shard {i} ({labels[i]})", placement.restart_timeout_s)
             calls[i] = getattr(shards[i], method).remote(*args)
     return [outs[i] for i in range(len(shards))], retried
+
+
+def _wait_until_back(shard: Any, label: str, timeout_s: float) -> None:
+    """Block until a restarting shard actor answers ``ping`` (calls to it fail fast while Ray restarts
+    it), or raise a one-line :class:`TrainingError` after ``timeout_s``."""
+    import ray
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
+
+    deadline = time.monotonic() + timeout_s
+    delay = 0.1
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TrainingError(f"{label}: not back {timeout_s:g} s after it died "
+                                f"(placement.restart_timeout_s)")
+        try:
+            ray.get(shard.ping.remote(), timeout=left)
+            return
+        except ActorDiedError:  # for good: Ray has no restart left for it
+            raise TrainingError(f"{label}: died and will not be restarted "
+                                f"(placement.max_restarts exhausted)") from None
+        except (ActorUnavailableError, RayActorError, GetTimeoutError):  # still restarting
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(2.0, delay * 2)
