@@ -157,6 +157,39 @@ def test_teacher_loss_no_sample_of_the_task_gives_zero_and_zero_grad():
     assert terms["a"].unweighted.item() == 0.0
 
 
+def test_share_rule_golden_every_sample_weighs_the_same():
+    """The weight rule under masking (mike/loss.py): a teacher's total is its masked mean times its
+    share of the batch. Teacher 1 owns sample 1 of a batch of 4 (share 1/4), teacher 2 none: the step
+    loss is (1/B)·Σ_i own-teacher loss = 0.25·(0.5·A_S1 + 0.5·0.25), teacher 2 contributes 0."""
+    fx, fxb = _feats()
+    total, terms = teacher_loss(fx, fxb, {"a": 0.5, "b": 0.5}, torch.tensor([False, True]), share=1 / 4)
+    assert total.item() == pytest.approx(0.25 * (0.5 * A_S1 + 0.5 * 0.25), abs=1e-14)
+    # the logged measurements are the teacher's own (masked means, no share)
+    assert terms["a"].unweighted.item() == pytest.approx(A_S1, abs=1e-14)
+    assert terms["a"].weighted.item() == pytest.approx(0.5 * A_S1, abs=1e-14)
+    total.backward()
+    # only sample 1 gets a gradient, scaled by the share: tap b, d/d a_x̄ = 0.25·0.5·(1/3)·2·0.5·(−1)
+    torch.testing.assert_close(fxb["b"].grad[1], torch.full((3,), -0.25 * 0.5 / 3, dtype=D), atol=1e-14, rtol=0)
+    assert torch.equal(fxb["b"].grad[0], torch.zeros(3, dtype=D))
+    absent, _ = teacher_loss(fx, fxb, {"a": 0.5, "b": 0.5}, torch.zeros(2, dtype=torch.bool), share=0.0)
+    assert absent.item() == 0.0
+
+
+def test_share_rule_step_loss_with_the_pixel_term_golden():
+    """Two teachers, batch of 4: teacher A owns samples 0–2 (share 3/4), B owns sample 3 (1/4),
+    weights 0.5/0.5 on one tap each, pixel weight 0.5. Per-sample tap terms (tanh targets 0.5 vs 0):
+    0.25 each. Step loss = 3/4·0.5·0.25 + 1/4·0.5·0.25 + 0.5·MSE = 0.125 + 0.5·MSE."""
+    fx = {"t": torch.full((4, 2), math.atanh(0.5), dtype=D)}
+    fxb = {"t": torch.zeros(4, 2, dtype=D)}
+    a, _ = teacher_loss({"t": fx["t"][:3]}, {"t": fxb["t"][:3]}, {"t": 0.5}, torch.ones(3, dtype=torch.bool), share=3 / 4)
+    b, _ = teacher_loss({"t": fx["t"][3:]}, {"t": fxb["t"][3:]}, {"t": 0.5}, torch.ones(1, dtype=torch.bool), share=1 / 4)
+    x, xbar = torch.zeros(4, 3, 2, 2, dtype=D), torch.full((4, 3, 2, 2), 0.2, dtype=D)
+    step = a + b + 0.5 * pixel_loss(x, xbar)
+    assert step.item() == pytest.approx(0.125 + 0.5 * 0.04, abs=1e-14)
+    with pytest.raises(ValueError, match="share"):
+        teacher_loss(fx, fxb, {"t": 0.5}, torch.ones(4, dtype=torch.bool), share=1.5)
+
+
 def test_teacher_loss_skips_zero_weight_taps():
     fx, fxb = _feats()
     del fx["b"], fxb["b"]  # a shard may not even extract zero-weight taps

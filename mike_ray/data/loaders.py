@@ -11,7 +11,7 @@ DataLoader with an identity collate, since the batch is already stacked.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -87,6 +87,18 @@ class ShardDataset(Dataset):
             keep = np.sort(np.random.default_rng(seed).permutation(len(self.task_ids))[:limit])
             self.images, self.masks = self.images[keep], self.masks[keep]
             self.task_ids, self.image_ids = self.task_ids[keep], self.image_ids[keep]
+
+    @classmethod
+    def from_arrays(cls, images: np.ndarray, masks: np.ndarray, task_ids: np.ndarray,
+                    image_ids: np.ndarray | None = None, tasks: Sequence[str] = (), split: str = "train"
+                    ) -> "ShardDataset":
+        """A dataset over arrays already in memory (``images``/``masks`` N×3×S×S uint8, ``task_ids`` N)."""
+        ds = cls.__new__(cls)
+        ds.root, ds.manifest, ds.split, ds.tasks = Path("<memory>"), None, split, list(tasks)
+        ds.images, ds.masks = np.ascontiguousarray(images), np.ascontiguousarray(masks)
+        ds.task_ids = np.asarray(task_ids, dtype=np.int64)
+        ds.image_ids = np.asarray(image_ids if image_ids is not None else np.arange(len(ds.task_ids)), np.int64)
+        return ds
 
     def __len__(self) -> int:
         return len(self.task_ids)
@@ -171,28 +183,59 @@ def ray_dataset(root: str | Path, split: str, tasks: Sequence[str] | None = None
                                                                         num_cpus=num_cpus)
 
 
-def query_dataset(root: str | Path, split: str, tasks: Sequence[str] | None = None) -> "ray.data.Dataset":
-    """The samples of ``split``/``tasks`` read in this process and handed to Ray Data as Arrow blocks.
+def epoch_rows(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> np.ndarray:
+    """Row indices one data-parallel rank visits in one epoch, in visiting order.
 
-    Unlike :func:`ray_dataset` this starts no Ray task: inside a Tune trial whose placement group
-    holds the teacher shards, Ray Data's file-listing task (1 CPU) may never find a free CPU on a
-    small machine. Columns stay uint8 (``image`` B×3×S×S, ``mask`` B×3×S×S) plus ``task_id``; the
-    training loop converts a batch with :func:`to_float_batch`.
+    A seeded global permutation of all ``n`` rows (numpy ``default_rng([seed, epoch])``: a new order
+    every epoch, the same order for the same seed and epoch — so a resumed run replays it exactly),
+    cut to a multiple of ``world`` and dealt out ``rank::world`` (every rank gets ``n // world`` rows,
+    so DDP workers take the same number of steps; at most ``world − 1`` rows are left out, different
+    ones each epoch). Because the permutation is over rows, not blocks or tasks, every batch is a
+    sample of the task mix (docs/contracts.md, "Query batches").
     """
-    import pyarrow as pa
-    import ray.data
-    from ray.data.extensions import ArrowTensorArray
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"epoch_rows: rank {rank} of world {world}")
+    perm = np.random.default_rng([int(seed) % 2**32, int(epoch) % 2**32]).permutation(n)
+    return perm[: (n // world) * world][rank::world]
 
-    ds = ShardDataset(root, split, tasks)
-    if len(ds) == 0:
-        raise ConfigError(f"tasks: no {split} rows for {', '.join(ds.tasks)} in {root}")
-    blocks = []
-    for i in range(0, len(ds), 512):  # several blocks, so DDP workers can split them
-        sl = slice(i, i + 512)
-        blocks.append(pa.table({"image": ArrowTensorArray.from_numpy(ds.images[sl]),
-                                "mask": ArrowTensorArray.from_numpy(ds.masks[sl]),
-                                "task_id": pa.array(ds.task_ids[sl])}))
-    return ray.data.from_arrow(blocks)
+
+class QueryBatches:
+    """The query set one trainer worker iterates: mixed-task batches from a :class:`ShardDataset`.
+
+    ``epoch(e)`` yields the contract's float batches over :func:`epoch_rows` (a fresh global shuffle
+    per epoch). ``validation()`` yields batches over one fixed seeded permutation of the rows (so a
+    cap of ``max_batches`` still covers every task in proportion, and every epoch validates the same
+    samples), split over ranks the same way.
+    """
+
+    #: the validation order's "epoch" (fixed, far from any training epoch)
+    VAL_EPOCH = 2**31 - 1
+
+    def __init__(self, dataset: ShardDataset, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        if len(dataset) < world:
+            raise ConfigError(f"query data: {len(dataset)} {dataset.split} rows for {world} trainer workers "
+                              f"(tasks {', '.join(dataset.tasks)} in {dataset.root})")
+        self.dataset, self.batch_size, self.seed = dataset, int(batch_size), int(seed)
+        self.rank, self.world = rank, world
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (the last one may be smaller)."""
+        return -(-(len(self.dataset) // self.world) // self.batch_size)
+
+    def _batches(self, rows: np.ndarray, max_batches: int | None = None) -> Iterator[Batch]:
+        for k, i in enumerate(range(0, len(rows), self.batch_size)):
+            if max_batches is not None and k >= max_batches:
+                return
+            yield self.dataset.__getitems__(rows[i:i + self.batch_size])
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        """This rank's batches of training epoch ``epoch``."""
+        return self._batches(epoch_rows(len(self.dataset), self.seed, epoch, self.rank, self.world))
+
+    def validation(self, max_batches: int | None = None) -> Iterator[Batch]:
+        """This rank's validation batches (a fixed mixed order; at most ``max_batches``)."""
+        rows = epoch_rows(len(self.dataset), self.seed, self.VAL_EPOCH, self.rank, self.world)
+        return self._batches(rows, max_batches)
 
 
 def to_float_batch(batch: dict[str, torch.Tensor]) -> Batch:

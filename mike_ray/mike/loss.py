@@ -14,9 +14,20 @@ Two choices the paper leaves open, made here:
   would make a 32×32×64 tap weigh 4× more than a 16×16×64 one purely by size, so the layer weights
   would no longer mean what they say. Averaging the elements of a sample makes every tap's term a
   number in [0, 4] (tanh is bounded), comparable across taps and teachers.
-- **Mean over selected samples.** The term is averaged over the samples of the teacher's task only
-  (not over the whole batch), so its scale does not depend on how many of a batch's samples belong
-  to the task; a batch with none of them contributes exactly 0 (with a zero gradient).
+- **What a weight means when batches mix tasks** (docs/contracts.md, "Loss weights under masking").
+  A step's loss is eq. 1 averaged over the *whole* batch, each sample scored only by the teachers
+  of its own task::
+
+      L = (1/B) Σ_i Σ_{n: task(i) = task(n)} Σ_l w_l^n · ℓ_l^n(i)
+        = Σ_n share_n · Σ_l w_l^n · masked_mean_{i ∈ n}(ℓ_l^n(i)),   share_n = #{i ∈ n} / B
+
+  so every *sample* weighs the same whatever its batch holds: a teacher with 1 sample in a batch
+  of 64 contributes 1/64 of what it would with all 64, its expected per-step loss is
+  ``w_l^n · p_n · E_n[ℓ]`` with ``p_n`` its task's share of the query set, and the expected step loss
+  is eq. 1 over the query set. The pixel term (``w_pix · MSE`` over the batch) keeps a fixed
+  balance against it. Without masking every teacher sees every sample (share 1).
+  The per-tap *measurements* (logged, fed to the adaptive schedule) stay masked means over the
+  teacher's own samples, counted with their sample counts.
 """
 from __future__ import annotations
 
@@ -59,7 +70,9 @@ def masked_sample_mean(per_sample: Tensor, mask: Tensor) -> Tensor:
     Returns:
         A 0-d tensor: ``Σ_{i: mask_i} per_sample_i / #{i: mask_i}``. When no sample is selected it
         is exactly 0, still attached to ``per_sample``'s graph, with a zero (never NaN) gradient.
-        Unselected entries never leak in, even when they are NaN/inf.
+        Unselected entries never leak into the value, even when they are NaN/inf. Their gradient
+        *through the ops before this one* can still be NaN (0 · NaN), which is why a shard never
+        computes a teacher on other tasks' rows at all (it gathers its own rows first).
     """
     if per_sample.dim() != 1:
         raise ValueError(f"masked_sample_mean: per_sample must be 1-D [B], got shape {tuple(per_sample.shape)}")
@@ -117,9 +130,10 @@ def teacher_loss(
     weights: Mapping[str, float],
     mask: Tensor,
     *,
+    share: float = 1.0,
     compute_zero_weight_terms: bool = False,
 ) -> tuple[Tensor, dict[str, TapTerm]]:
-    """One teacher's loss ``Σ_l w_l · tap_term(φ_l(x), φ_l(x̄), mask)``.
+    """One teacher's loss ``share · Σ_l w_l · tap_term(φ_l(x), φ_l(x̄), mask)``.
 
     Args:
         feats_x: tap name → ``[B, ...]`` activation for x (targets; need no gradient).
@@ -128,13 +142,17 @@ def teacher_loss(
             the teacher's taps. Every tap with a nonzero weight must be in both feature maps;
             zero-weight taps may be missing there (a shard may skip extracting them).
         mask: ``[B]`` bool, the samples of the teacher's task (:func:`task_mask`).
+        share: the teacher's samples' share of the whole query batch (``#{i ∈ n} / B``, in [0, 1]);
+            it scales the total so that a step's loss is eq. 1 averaged over the batch (module
+            docstring). 1 when the features are of the whole batch and every sample counts.
         compute_zero_weight_terms: also compute (for logging only) the terms of zero-weight taps
             whose features are present. Off by default: layerwise schedules leave most taps at
             weight 0 and skipping them saves their tanh/difference tensors.
 
     Returns:
         ``(total, terms)``: ``total`` is a 0-d tensor attached to the graph of ``feats_xbar``;
-        ``terms`` maps each computed tap (in ``weights`` order) to its :class:`TapTerm`. When no
+        ``terms`` maps each computed tap (in ``weights`` order) to its :class:`TapTerm` (unweighted
+        and weighted by ``w_l`` alone, without the share: measurements of this teacher). When no
         tap has a nonzero weight, ``total`` is a constant 0 that does not require grad — a caller
         should not run the teacher at all then (e.g. during pixel pretraining).
     """
@@ -143,6 +161,8 @@ def teacher_loss(
     extra = [k for k in feats_xbar if k not in weights]
     if extra:
         raise ValueError(f"teacher_loss: features for taps without a weight: {extra}")
+    if not (math.isfinite(share) and 0.0 <= share <= 1.0):
+        raise ValueError(f"teacher_loss: share must be in [0, 1], got {share}")
     for tap, w in weights.items():
         if not math.isfinite(w) or w < 0:
             raise ValueError(f"teacher_loss: tap '{tap}': weight must be finite and >= 0, got {w}")
@@ -161,7 +181,7 @@ def teacher_loss(
             raise ValueError(f"teacher_loss: tap '{tap}' has weight {w} but no activation")
         term = tap_term(feats_x[tap], feats_xbar[tap], mask)
         weighted = term * w
-        total = weighted if total is None else total + weighted
+        total = weighted * share if total is None else total + weighted * share
         terms[tap] = TapTerm(weight=float(w), unweighted=term.detach(), weighted=weighted.detach())
 
     if total is None:

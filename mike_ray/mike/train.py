@@ -13,6 +13,7 @@ import math
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -103,22 +104,132 @@ def _resume(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, sche
     return state
 
 
-def _avg(acc: dict[str, list[float]]) -> dict[str, float]:
-    return {k: sum(v) / len(v) for k, v in acc.items() if v}
+class EpochMeter:
+    """Sample-weighted means of an epoch's metrics: ``add(name, value, n)`` counts ``value`` for
+    ``n`` samples. A metric that no sample measured (a teacher whose task never appeared) is absent
+    from :meth:`means` — never a 0.0. Under DDP :meth:`means` sums over all workers first."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, float] = defaultdict(float)
+
+    def add(self, name: str, value: float, n: float = 1.0) -> None:
+        if n > 0:
+            self.sums[name] += float(value) * n
+            self.counts[name] += n
+
+    def means(self, world: int = 1) -> dict[str, float]:
+        sums, counts = _all_reduce_sums(dict(self.sums), dict(self.counts), world)
+        return {k: sums[k] / c for k, c in counts.items() if c > 0}
+
+
+def _all_reduce_sums(sums: dict[str, float], counts: dict[str, float], world: int
+                     ) -> tuple[dict[str, float], dict[str, float]]:
+    """Sum ``sums``/``counts`` over the DDP workers (float64 all-reduce; keys may differ per worker:
+    the key lists are gathered first). With one worker, returned as they are."""
+    if world <= 1:
+        return sums, counts
+    import torch.distributed as dist
+
+    keys: list[list[str]] = [[] for _ in range(world)]
+    dist.all_gather_object(keys, sorted(sums))
+    names = sorted({k for ks in keys for k in ks})
+    t = torch.tensor([[sums.get(k, 0.0), counts.get(k, 0.0)] for k in names], dtype=torch.float64)
+    t = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    t = t.cpu()
+    return ({k: float(t[i, 0]) for i, k in enumerate(names)}, {k: float(t[i, 1]) for i, k in enumerate(names)})
+
+
+def global_terms(res: Any, taps: dict[str, list[str]], world: int = 1) -> dict[str, dict[str, float]]:
+    """The step's unweighted tap terms as every worker's samples measured them (the adaptive
+    schedule's input): per teacher and tap, Σ term·count / Σ count over all DDP workers. Teachers
+    that no worker's batch held are left out (their term is not a measurement). Every worker gets
+    the same numbers, so every worker's schedule holds the same state and weights."""
+    sums, counts = {}, {}
+    for t, n in res.counts.items():
+        for tap in taps[t]:
+            key = f"{t}/{tap}"
+            if n > 0 and key in res.terms:
+                sums[key], counts[key] = res.terms[key] * n, float(n)
+    sums, counts = _all_reduce_sums(sums, counts, world)
+    out: dict[str, dict[str, float]] = {}
+    for key, c in counts.items():
+        if c > 0:
+            t, tap = key.split("/", 1)
+            out.setdefault(t, {})[tap] = sums[key] / c
+    return out
+
+
+@dataclass
+class StepStats:
+    """What one transfer step measured (floats read back once per step)."""
+
+    total: float
+    teacher: float
+    pixel: float
+    shard: Any = None  # the shards' StepResult (None when no teacher carried weight)
+
+
+def transfer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, task_ids: torch.Tensor,
+                  weights: Any, shards: Any, masking: bool) -> StepStats:
+    """One optimisation step of the autoencoder: forward, teachers on the shards, one backward, step.
+
+    Args:
+        model: the autoencoder (maybe DDP-wrapped). opt: its optimizer.
+        x: B×3×H×W query images in [0, 1]. task_ids: B int64 (query masking).
+        weights: the schedule's :class:`~mike_ray.mike.schedules.Weights` for this step, or None for
+            the pixel method (pixel MSE with weight 1).
+        shards: the ShardGroup (unused when no teacher carries weight).
+    """
+    from mike_ray.mike.loss import pixel_loss
+
+    # forward the autoencoder: x̄ = sigmoid(decoder(encoder(x)))
+    xbar = model(x)
+    pix_w = 1.0 if weights is None else weights.pixel
+
+    # teachers: every shard returns its part of the loss and ∂loss/∂x̄ for this batch
+    grad, res = None, None
+    if weights is not None and weights.teacher_sum() > 0:
+        res = shards.step(x, xbar.detach(), task_ids, weights.teachers, masking)
+        grad = res.grad.to(xbar.device, xbar.dtype)
+
+    # pixel term, computed here so its gradient joins the teachers' in one backward pass
+    pix = pixel_loss(x, xbar)
+
+    # backward: x̄ receives Σ_s ∂L_s/∂x̄ + w_pix·∂MSE/∂x̄; autograd finishes in the autoencoder
+    opt.zero_grad(set_to_none=True)
+    if grad is not None and pix_w > 0:
+        torch.autograd.backward([xbar, pix_w * pix], [grad, None])
+    elif grad is not None:
+        xbar.backward(grad)
+    else:
+        (pix_w * pix).backward()
+    opt.step()
+    teacher = res.loss if res is not None else 0.0
+    p = float(pix.detach())
+    return StepStats(total=teacher + pix_w * p, teacher=teacher, pixel=p, shard=res)
+
+
+def _add_teacher_terms(meter: EpochMeter, prefix: str, res: Any) -> None:
+    """Per-teacher and per-tap measurements, each counted for the samples its teacher saw."""
+    for key, v in res.terms.items():
+        meter.add(f"{prefix}/{key}", v, res.counts.get(key.split("/", 1)[0], 0))
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """Ray Train V2 ``train_loop_per_worker``.
 
     ``config`` keys: ``transfer`` (a :class:`TransferConfig` dict), ``shards`` (a ShardGroup with
-    Ray actor handles, or None for the pixel method), ``taps`` (teacher → tap paths).
-    Datasets ``train`` and ``val`` come from ``ray.train.get_dataset_shard`` with columns
-    image/mask float32 B×3×64×64 and task_id int64.
+    Ray actor handles, or None for the pixel method), ``taps`` (teacher → tap paths), ``data_root``
+    and ``query_tasks`` (the prepared dataset and the tasks whose train/val splits are the query
+    data). Each worker reads the query rows itself and visits them in a fresh seeded global
+    shuffle every epoch (:class:`~mike_ray.data.loaders.QueryBatches`), so batches mix the tasks.
     """
     import ray.train
     import ray.train.torch
 
-    from mike_ray.data.loaders import to_float_batch
+    from mike_ray.data.loaders import QueryBatches, ShardDataset
     from mike_ray.mike.loss import pixel_loss
     from mike_ray.models import build_model
 
@@ -139,10 +250,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     schedule = make_schedule(cfg.schedule, taps) if use_teachers else None
     uniform = make_schedule(ScheduleConfig(name="uniform"), taps) if use_teachers else None
 
-    train_ds = ray.train.get_dataset_shard("train")
-    val_ds = ray.train.get_dataset_shard("val")
-    steps_per_epoch = int(config.get("steps_per_epoch") or 1)
-    total_steps = cfg.epochs * steps_per_epoch
+    # --- query data: mixed-task batches, a new seeded global order every epoch ----------------
+    root, tasks = config["data_root"], list(config["query_tasks"])
+    train_q = QueryBatches(ShardDataset(root, "train", tasks), cfg.batch_size, cfg.seed, rank, world)
+    val_q = QueryBatches(ShardDataset(root, "val", tasks), cfg.batch_size, cfg.seed, rank, world)
+    total_steps = cfg.epochs * len(train_q)
 
     # --- resume from the latest checkpoint, if any -------------------------------------------
     start_epoch, step = 0, 0
@@ -158,71 +270,41 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
-        acc: dict[str, list[float]] = defaultdict(list)
+        meter = EpochMeter()
         retries_before = shards.retries if shards is not None else 0
-        for batch in train_ds.iter_torch_batches(batch_size=cfg.batch_size, device=device,
-                                                 local_shuffle_buffer_size=4 * cfg.batch_size,
-                                                 local_shuffle_seed=cfg.seed * 1000 + epoch):
-            batch = to_float_batch(batch)
-            x, task_ids = batch["image"], batch["task_id"]
-            # forward the autoencoder: x̄ = sigmoid(decoder(encoder(x)))
-            xbar = model(x)
+        w = None
+        for batch in train_q.epoch(epoch):
+            x, task_ids = batch["image"].to(device), batch["task_id"].to(device)
             w = schedule.weights(progress_at(min(step, total_steps), total_steps)) if schedule else None
-            pix_w = 1.0 if w is None else w.pixel
-
-            # teachers: every shard returns its loss and ∂loss/∂x̄ for this batch
-            grad = torch.zeros_like(xbar)
-            teacher_loss = 0.0
-            if w is not None and w.teacher_sum() > 0:
-                res = shards.step(x.cpu(), xbar.detach().cpu(), task_ids.cpu(), w.teachers, cfg.masking)
-                grad = res.grad.to(device, xbar.dtype)
-                teacher_loss = res.loss
-                for k, v in res.terms.items():
-                    acc[f"loss/teacher/{k}"].append(v)
-                if schedule is not None:
-                    # adaptive weights learn only from teachers that saw samples of their task
-                    seen = {t for t, n in res.counts.items() if n > 0}
-                    schedule.update({t: {tap: res.terms[f"{t}/{tap}"] for tap in taps[t]
-                                         if f"{t}/{tap}" in res.terms} for t in seen})
-
-            # pixel term, computed here so its gradient joins the teachers' in one backward pass
-            pix = pixel_loss(x, xbar)
-            total = teacher_loss + pix_w * pix.item()
-            if not math.isfinite(total):
-                raise TrainingError(f"transfer: non-finite loss {total} at epoch {epoch} step {step} "
-                                    f"(teacher {teacher_loss}, pixel {float(pix)})")
-
-            # backward: x̄ receives Σ_s ∂L_s/∂x̄ + w_pix·∂MSE/∂x̄; autograd finishes in the autoencoder
-            opt.zero_grad(set_to_none=True)
-            if pix_w > 0:
-                torch.autograd.backward([xbar, pix_w * pix], [grad, None])
-            else:
-                xbar.backward(grad)
-            opt.step()
+            stats = transfer_step(model, opt, x, task_ids, w, shards, cfg.masking)
+            if not math.isfinite(stats.total):
+                raise TrainingError(f"transfer: non-finite loss {stats.total} at epoch {epoch} step {step} "
+                                    f"(teacher {stats.teacher}, pixel {stats.pixel})")
+            if stats.shard is not None:
+                _add_teacher_terms(meter, "loss/teacher", stats.shard)
+                # adaptive weights learn from the terms all workers measured (identical on every rank)
+                schedule.update(global_terms(stats.shard, taps, world))
             step += 1
-            acc["loss/train/total"].append(total)
-            acc["loss/train/teacher"].append(teacher_loss)
-            acc["loss/train/pixel_mse"].append(pix.item())
+            n = len(task_ids)
+            meter.add("loss/train/total", stats.total, n)
+            meter.add("loss/train/teacher", stats.teacher, n)
+            meter.add("loss/train/pixel_mse", stats.pixel, n)
 
-        # --- validation: pixel MSE and the uniform-weighted teacher loss, per tap ----------------
+        # --- validation: pixel MSE and the uniform-weighted teacher loss, per teacher and tap ---
         model.eval()
-        vacc: dict[str, list[float]] = defaultdict(list)
         with torch.no_grad():
-            for i, batch in enumerate(val_ds.iter_torch_batches(batch_size=cfg.batch_size, device=device)):
-                if cfg.val_batches is not None and i >= cfg.val_batches:
-                    break
-                batch = to_float_batch(batch)
-                x, task_ids = batch["image"], batch["task_id"]
+            for batch in val_q.validation(cfg.val_batches):
+                x, task_ids = batch["image"].to(device), batch["task_id"].to(device)
                 xbar = model(x)
-                vacc["loss/val/pixel_mse"].append(float(pixel_loss(x, xbar)))
+                n = len(task_ids)
+                meter.add("loss/val/pixel_mse", float(pixel_loss(x, xbar)), n)
                 if uniform is not None:
-                    res = shards.step(x.cpu(), xbar.cpu(), task_ids.cpu(), uniform.weights(1.0).teachers,
-                                      cfg.masking, need_grad=False)
-                    vacc["loss/val/teacher"].append(res.loss)
-                    for k, v in res.terms.items():
-                        vacc[f"loss/val/teacher/{k}"].append(v)
+                    res = shards.step(x, xbar, task_ids, uniform.weights(1.0).teachers, cfg.masking,
+                                      need_grad=False)
+                    meter.add("loss/val/teacher", res.loss, n)
+                    _add_teacher_terms(meter, "loss/val/teacher", res)
 
-        metrics = {**_avg(acc), **_avg(vacc), "epoch": epoch, "step": step,
+        metrics = {**meter.means(world), "epoch": epoch, "step": step,
                    "time/epoch_seconds": time.perf_counter() - t0}
         if shards is not None:
             metrics["shard/retries"] = shards.retries - retries_before

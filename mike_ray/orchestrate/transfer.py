@@ -5,7 +5,6 @@ TorchTrainer) and also runs on its own, without Tune, for the `mike_ray.transfer
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,7 +14,7 @@ from pydantic import Field
 
 from mike_ray.config_base import StrictModel
 from mike_ray.data.tasks import TASK_CODES
-from mike_ray.errors import MikeRayError, TrainingError, one_line
+from mike_ray.errors import ConfigError, MikeRayError, TrainingError, one_line
 from mike_ray.mike.train import CKPT_FILE, TransferConfig, train_fn_per_worker
 from mike_ray.teachers.shard import PlacementConfig, ShardGroup, TeacherRef
 
@@ -52,53 +51,39 @@ def teacher_refs(zoo_dir: Path, names: Sequence[str]) -> list[TeacherRef]:
     return refs
 
 
-def query_datasets(data_root: str | Path, query_tasks: Sequence[str]) -> dict[str, Any]:
-    """``{"train", "val"}`` Ray Datasets of the query tasks' crops (uint8, read in this process)."""
-    import ray.data
-
-    from mike_ray.data.loaders import query_dataset
-
-    ray.data.DataContext.get_current().enable_progress_bars = False  # per-block bars flood job logs
-    return {split: query_dataset(data_root, split, query_tasks) for split in ("train", "val")}
-
-
 def run_transfer(cfg: TransferConfig, teachers: Sequence[TeacherRef], data_root: str | Path,
                  query_tasks: Sequence[str], placement: PlacementConfig, workers: WorkersConfig,
                  storage_path: str | Path, name: str, callbacks: Sequence[Any] = (),
-                 shards: ShardGroup | None = None, datasets: dict[str, Any] | None = None) -> TransferResult:
+                 shards: ShardGroup | None = None) -> TransferResult:
     """Fit one MIKE (or pixel) autoencoder; resumes by itself from ``storage_path/name``.
 
     Args:
         cfg: the student's training config. teachers: the shards' teachers (unused for "pixel").
-        data_root: a prepared dataset. query_tasks: tasks whose train split is the query data.
+        data_root: a prepared dataset. query_tasks: tasks whose train split is the query data (and
+            whose val split is validated every epoch); each trainer worker reads them itself.
         placement/workers: where teachers and trainer workers run.
         storage_path/name: Ray Train's run directory (checkpoints; a rerun with the same name resumes).
         callbacks: Ray Train callbacks (a Tune trial passes TuneReportCallback).
         shards: an existing ShardGroup (a trial places it in its placement group; tests kill one).
-        datasets: prebuilt ``{"train", "val"}`` Ray Datasets of the query tasks (a sweep builds them
-            once in its driver: inside a trial's placement group, Ray Data's 1-CPU metadata tasks
-            could not be scheduled on a small machine).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from mike_ray.data.loaders import count_rows
 
-    # The query data is read here and handed to Ray Data as blocks (no read task to schedule:
-    # with shards holding CPUs, a small machine could never run Ray Data's 1-CPU file listing).
-    if datasets is None:
-        datasets = query_datasets(data_root, query_tasks)
+    for split in ("train", "val"):  # an empty query split is a one-line error before any worker starts
+        if count_rows(data_root, split, query_tasks) < workers.num_workers:
+            raise ConfigError(f"query data: {data_root}: {count_rows(data_root, split, query_tasks)} {split} "
+                              f"rows for tasks {', '.join(query_tasks)} ({workers.num_workers} trainer worker(s))")
     own_shards = shards is None and cfg.method == "mike"
     if own_shards:
         shards = ShardGroup(teachers, placement)
     try:
         taps = shards.taps() if shards is not None else {}
-        train_rows = count_rows(data_root, "train", query_tasks)
-        steps_per_epoch = math.ceil(train_rows / workers.num_workers / cfg.batch_size)
         trainer = TorchTrainer(
             train_fn_per_worker,
             train_loop_config={"transfer": cfg.model_dump(), "shards": shards, "taps": taps,
-                               "steps_per_epoch": steps_per_epoch},
+                               "data_root": str(data_root), "query_tasks": list(query_tasks)},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=workers.num_workers, use_gpu=workers.gpus_per_worker > 0,
                 resources_per_worker={"CPU": workers.cpus_per_worker,
@@ -108,7 +93,6 @@ def run_transfer(cfg: TransferConfig, teachers: Sequence[TeacherRef], data_root:
                 failure_config=ray.train.FailureConfig(max_failures=workers.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 callbacks=list(callbacks)),
-            datasets=datasets,
         )
         try:
             result = trainer.fit()

@@ -142,8 +142,7 @@ def trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             shards = ShardGroup(refs, cfg.resources.placement, placement_group=pg, first_bundle=1)
         try:
             res = run_transfer(tcfg, [], ctx["data_root"], query, cfg.resources.placement,
-                               cfg.resources.workers, sweep_dir / "runs", trial_id, shards=shards,
-                               datasets=ctx["datasets"][subset])
+                               cfg.resources.workers, sweep_dir / "runs", trial_id, shards=shards)
         finally:
             if shards is not None:
                 shards.shutdown()
@@ -288,16 +287,10 @@ def run_trials(cfg: SweepConfig, data_root: Path, zoo_dir: Path, tracking: Track
 
         sweep_dir.rename(sweep_dir.with_name(f"{cfg.name}.{time.strftime('%Y%m%d-%H%M%S')}"))
     storage = sweep_dir / "tune"
-    from mike_ray.orchestrate.transfer import query_datasets
-    from mike_ray.teachers.zoo import read_zoo
-
     ctx = {"sweep": cfg.resolved(), "tracking": tracking.__dict__, "parent_id": parent_id,
            "sweep_dir": str(sweep_dir)}
     if cfg.family == "mike":
-        # query data per teacher subset, built here, outside any trial's placement group
-        zoo = read_zoo(zoo_dir)
-        ctx.update(data_root=str(data_root), zoo_dir=str(zoo_dir), datasets={
-            s: query_datasets(data_root, [zoo[t].task for t in cfg.subset(s)]) for s in cfg.teacher_subsets})
+        ctx.update(data_root=str(data_root), zoo_dir=str(zoo_dir))
         fn = trial_fn
     else:
         from mike_ray.orchestrate.mhgd_trial import mhgd_trial_fn

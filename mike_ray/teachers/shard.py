@@ -48,7 +48,7 @@ class PlacementConfig(StrictModel):
     gpus_per_shard: float = Field(0.0, ge=0)
     threads: int = Field(1, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    bf16: bool = False  # bf16 autocast for teacher forwards (GPU)
+    bf16: bool = False  # bf16 autocast for teacher forwards; the loss and its gradient stay float32
     max_restarts: int = Field(3, ge=0)  # Ray restarts a dead shard this many times
     step_retries: int = Field(3, ge=0)  # a step whose shard died is sent again this many times
     # how long a step waits for a dead shard to come back (Ray restarts it; its constructor reloads the
@@ -60,9 +60,11 @@ class PlacementConfig(StrictModel):
 class ShardOutput:
     """One shard's answer for one step.
 
-    loss: Σ over its teachers of the weighted loss (float).
-    terms: ``{"<teacher>/<tap>": unweighted tap term}`` and ``{"<teacher>": weighted teacher loss}``.
-    grad: ∂loss/∂x̄, same shape/dtype as x̄ (B×3×H×W), on CPU.
+    loss: this shard's part of the step loss, Σ_n share_n · Σ_l w_l^n · term (float; mike/loss.py).
+    terms: measurements over each teacher's own samples: ``{"<teacher>/<tap>": unweighted tap term
+        (masked mean)}`` and ``{"<teacher>": Σ_l w_l · term}``; a teacher that did no work has none.
+    grad: ∂loss/∂x̄, same shape/dtype as x̄ (B×3×H×W), on the shard's device (CPU for a Ray actor).
+    counts: rows of each weighted teacher's task in the batch (0: the teacher did no work).
     """
 
     loss: float
@@ -80,19 +82,22 @@ class TeacherShard:
         device: "auto" | "cpu" | "cuda[:i]".
         threads: torch intra-op threads for this process (Ray's OMP default follows the actor's CPU
             count); None leaves the process setting alone (in-process shards).
-        bf16: run teacher forwards under bf16 autocast (CUDA only; ignored on CPU).
+        bf16: run teacher forwards under bf16 autocast on the shard's device (the loss stays float32).
         dtype: parameter dtype of the teachers (float64 for exactness tests).
+        host_outputs: return the gradient on the CPU (a Ray actor's answer crosses processes); an
+            in-process shard keeps it on its device, so a local GPU step makes no host round trip.
     """
 
     def __init__(self, teachers: Sequence[TeacherRef], device: str = "auto", threads: int | None = 1,
-                 bf16: bool = False, dtype: torch.dtype = torch.float32) -> None:
+                 bf16: bool = False, dtype: torch.dtype = torch.float32, host_outputs: bool = False) -> None:
         from mike_ray.models.taps import TappedModel
         from mike_ray.teachers.zoo import load_teacher
 
         limit_threads(threads)
         self.device = resolve_device(device)
-        self.bf16 = bf16 and self.device.type == "cuda"
+        self.bf16 = bool(bf16)  # autocast to bf16 on the shard's device (CUDA, or CPU for tests)
         self.dtype = dtype
+        self.host_outputs = host_outputs
         self.teachers: dict[str, tuple[TeacherRef, torch.nn.Module]] = {}
         for ref in teachers:
             model, rec = load_teacher(Path(ref.path), self.device)
@@ -114,44 +119,75 @@ class TeacherShard:
             x: B×3×H×W originals. xbar: B×3×H×W reconstructions (values, no graph needed).
             task_ids: B int64, the task of each sample (for query masking).
             weights: teacher → tap → w (teachers or taps missing or 0 are skipped).
-            masking: average each teacher's term only over its own task's samples.
+            masking: each teacher scores only its own task's samples (paper §4.1).
+
+        Under masking a teacher runs on its own rows only (``x[idx]``, ``x̄[idx]``) and its gradient
+        is scattered back into those rows; a teacher with no rows in the batch does no work. Teachers
+        are in eval mode (no batch statistics), so this equals the full-batch computation, and rows
+        of other tasks (even NaN ones) never reach a teacher's loss or gradient. The loss follows the
+        share rule of :mod:`mike_ray.mike.loss`: ``Σ_n (#rows_n / B) · Σ_l w_l^n · masked mean``.
+
+        Under ``bf16`` the teacher forwards run in bf16 autocast; the tap terms and their gradient are
+        computed in float32 on the float activations (the squared tanh difference of nearly equal
+        activations is what bf16 rounds away). Values are read back once per step, not per teacher.
         """
-        from mike_ray.mike.loss import task_mask, teacher_loss
+        from mike_ray.mike.loss import teacher_loss
 
         t0 = time.perf_counter()
         x = x.to(self.device, self.dtype)
         xbar = xbar.to(self.device, self.dtype)
         task_ids = task_ids.to(self.device)
+        batch = int(x.shape[0])
         grad = torch.zeros_like(xbar)
-        total = 0.0
-        terms: dict[str, float] = {}
+        rows = _rows_per_task(task_ids) if masking else {}
+        values: list[torch.Tensor] = []  # read back together at the end (one host sync)
+        keys: list[str] = []
         counts: dict[str, int] = {}
+        loss_dtype = torch.float32 if self.dtype in (torch.float16, torch.bfloat16) or self.bf16 else self.dtype
         for name, (ref, tapped) in self.teachers.items():
             w = {tap: float(weights.get(name, {}).get(tap, 0.0)) for tap in self._taps[name]}
             if not any(w.values()):
                 continue  # e.g. pixel pretraining, or a teacher outside this phase: no forward at all
-            mask = task_mask(task_ids, ref.task_id if masking else None)
-            with torch.autocast("cuda", torch.bfloat16, enabled=self.bf16):
-                # activations of x need no graph
-                with torch.no_grad():
-                    feats_x = tapped(x)
-                xb = xbar.detach().requires_grad_(need_grad)
+            idx = rows.get(ref.task_id) if masking and ref.task_id is not None else None
+            if masking and ref.task_id is not None and idx is None:
+                counts[name] = 0  # none of its task's samples in this batch: nothing to compute
+                continue
+            xs = x if idx is None else x.index_select(0, idx)
+            xb = (xbar if idx is None else xbar.index_select(0, idx)).detach().requires_grad_(need_grad)
+            n = int(xs.shape[0])
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
+                with torch.no_grad():  # activations of x need no graph
+                    feats_x = tapped(xs)
                 with torch.set_grad_enabled(need_grad):
                     feats_xb = tapped(xb)
-                    loss, tap_terms = teacher_loss(feats_x, feats_xb, w, mask)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise TrainingError(f"teacher '{name}': non-finite loss {value}")
+            with torch.set_grad_enabled(need_grad):
+                feats_x = {k: v.to(loss_dtype) for k, v in feats_x.items()}
+                feats_xb = {k: v.to(loss_dtype) for k, v in feats_xb.items()}
+                mask = torch.ones(n, dtype=torch.bool, device=self.device)
+                loss, tap_terms = teacher_loss(feats_x, feats_xb, w, mask, share=n / batch)
             if need_grad and loss.requires_grad:
                 # frees this teacher's graph before the next teacher runs
                 (g,) = torch.autograd.grad(loss, xb)
-                grad += g
-            total += value
-            terms[name] = value
-            counts[name] = int(mask.sum())
-            for tap, value in tap_terms.items():
-                terms[f"{name}/{tap}"] = float(value.unweighted)
-        return ShardOutput(total, terms, grad.cpu(), counts, time.perf_counter() - t0)
+                if idx is None:
+                    grad += g.to(grad.dtype)
+                else:
+                    grad.index_add_(0, idx, g.to(grad.dtype))
+            counts[name] = n
+            keys.append(name)  # the teacher's weighted loss over its own samples (no share)
+            values.append(loss.detach() * (batch / n))
+            for tap, term in tap_terms.items():
+                keys.append(f"{name}/{tap}")
+                values.append(term.unweighted)
+        read = torch.stack([v.to(torch.float64) for v in values]).tolist() if values else []
+        terms = dict(zip(keys, read))
+        for name, value in terms.items():
+            if not math.isfinite(value):
+                raise TrainingError(f"teacher '{name}': non-finite loss {value}")
+        if need_grad and values and not bool(torch.isfinite(grad).all()):
+            raise TrainingError(f"teacher shard ({', '.join(self.teachers)}): non-finite gradient w.r.t. x̄")
+        total = math.fsum(terms[n] * counts[n] / batch for n in counts if counts[n] and n in terms)
+        return ShardOutput(total, terms, grad.cpu() if self.host_outputs else grad, counts,
+                           time.perf_counter() - t0)
 
     def peak_rss_mb(self) -> float:
         """Peak resident memory of this process (MB), for the memory benchmark."""
@@ -161,6 +197,24 @@ class TeacherShard:
 
     def ping(self) -> bool:
         return True
+
+
+def _rows_per_task(task_ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Task id → the (sorted) row indices of that task in the batch; absent tasks are not keys.
+
+    One stable sort and one bincount read back (a single host sync), instead of a mask and a count
+    per teacher."""
+    if task_ids.numel() == 0:
+        return {}
+    if task_ids.dim() != 1 or task_ids.dtype.is_floating_point or task_ids.dtype == torch.bool:
+        raise ValueError(f"task_ids must be a 1-D integer tensor, got {task_ids.dtype} {tuple(task_ids.shape)}")
+    order = torch.argsort(task_ids, stable=True)
+    ids, counts = torch.unique_consecutive(task_ids[order], return_counts=True)
+    out, start = {}, 0
+    for t, c in zip(ids.tolist(), counts.tolist()):
+        out[int(t)] = order[start:start + c]
+        start += c
+    return out
 
 
 def partition(teachers: Sequence[TeacherRef], per_shard: int | str) -> list[list[TeacherRef]]:
@@ -209,7 +263,7 @@ class ShardGroup:
             import ray
 
             self.shards = start_shard_actors(TeacherShard, [(g, placement.device, placement.threads, placement.bf16,
-                                                             dtype) for g in self.groups],
+                                                             dtype, True) for g in self.groups],
                                              placement, placement_group, first_bundle)
             self._taps = {}
             for taps in ray.get([s.taps.remote() for s in self.shards]):
