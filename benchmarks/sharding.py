@@ -84,6 +84,7 @@ def _make_teachers(root: Path, n: int, spec: dict[str, Any]) -> None:
         classes = list(TASKS[task])
         rec = TeacherRecord(name=task, task=task, classes=classes, model=dict(spec),
                             taps=tap_names(model, "blocks"), val_iou={c: 0.0 for c in classes}, val_miou=0.0,
+                            test_iou={c: 0.0 for c in classes}, test_miou=0.0,
                             untrained_miou=0.0, chance_iou={c: 0.0 for c in classes},
                             data_hash="benchmark-untrained")
         d = root / task

@@ -136,8 +136,8 @@ def _dataset(path: Path, **_: Any) -> str:
 
     man = check_dataset(path)
     rows = {s: sum(man.rows(s, t) for t in man.tasks) for s in SPLITS}
-    return (f"config_key {man.config_key}, {len(man.tasks)} tasks, {rows['train']} train + {rows['val']} val "
-            f"crops, content hash verified")
+    return (f"config_key {man.config_key}, {len(man.tasks)} tasks, "
+            f"{' + '.join(f'{rows[s]} {s}' for s in SPLITS)} crops, content hash verified")
 
 
 def _spec_model(spec: dict[str, Any] | None, label: str) -> Any:

@@ -127,6 +127,9 @@ class SearchConfig(StrictModel):
     phase1_epochs: list[int] | Range | None = None
 
     MIKE_ONLY: ClassVar[tuple[str, ...]] = ("embed_channels", "schedule", "pretrain_fraction", "num_phases")
+    # searched settings that change the autoencoder itself: every baseline and control is run for
+    # each of their values, so a MIKE encoder is compared with one of the same size
+    MODEL_DIMS: ClassVar[tuple[str, ...]] = ("embed_channels",)
     MHGD_ONLY: ClassVar[tuple[str, ...]] = ("method", "num_heads", "phase1_epochs")
 
     @field_validator("embed_channels")
@@ -158,7 +161,12 @@ class StudyConfig(StrictModel):
     concurrency: int = Field(1, ge=1)
     seed: int = 0
     repeats: int = Field(1, ge=1)  # seeds per configuration; summaries give mean ± std
-    baselines: bool = True  # MIKE: a pixel-MSE autoencoder per subset and seed; MHGD: the student alone per seed
+    # MIKE: a pixel-MSE autoencoder per subset × seed × searched model setting (matched to the MIKE
+    # trials of the same model); MHGD: the student alone per seed
+    baselines: bool = True
+    # MIKE: a control per seed × searched model setting — the same downstream evaluation on a frozen
+    # *untrained* encoder, the floor that tells a working transfer from a broken one
+    control: bool = True
     # "optuna": Tune + OptunaSearch, ``trials`` samples; "grid": every combination of the search's
     # choice lists (× repeats), e.g. the paper's tables (every method, every head count)
     algorithm: Literal["optuna", "grid"] = "optuna"
@@ -232,6 +240,12 @@ class SweepConfig(StrictModel):
             if bad:
                 raise ValueError(f"teacher_subsets.{name}: unknown teacher '{bad[0]}' (known: {', '.join(TASK_CODES)})")
         self._check_grid()
+        if self.study.baselines or self.study.control:
+            for name in SearchConfig.MODEL_DIMS:
+                if isinstance(getattr(self.search, name), Range):
+                    raise ValueError(f"search.{name}: baselines and controls are matched to each searched model "
+                                     f"value, so give a list of choices (or set study.baselines and "
+                                     f"study.control to false)")
         zoo = set(self.zoo.tasks)
         for name, teachers in self.teacher_subsets.items():
             missing = [t for t in self.subset(name) if t not in zoo]

@@ -47,8 +47,15 @@ def test_generate_prepare_inspect(tmp_path: Path) -> None:
     man = json.loads((root / "manifest.json").read_text())
     assert root.parent == tmp_path / "out" and man["tasks"] == ["DCH", "CTB"]
     assert man["config"]["augment_copies"] == 1 and man["config"]["min_area"] == 100
+    assert set(man["counts"]) == {"train", "val", "test"}
+    assert all((root / split / f"{task}.parquet").is_file() for split in man["counts"] for task in man["tasks"])
     proc = run_cli("inspect", str(root))
     assert proc.returncode == 0 and "CTB   bus" in proc.stdout and man["config_key"] in proc.stdout
+    header = proc.stdout.splitlines()[1].split()
+    assert header == ["task", "class", "train", "val", "test", "inst.train", "inst.val", "inst.test"], header
+    totals = proc.stdout.splitlines()[-1].split()
+    assert totals[0] == "all" and [int(n) for n in totals[1:]] == \
+        [sum(sum(c.values()) for c in man["counts"][s].values()) for s in ("train", "val", "test")]
     assert run_cli("inspect", str(root.parent)).stdout == proc.stdout  # the --out dir lists its datasets
 
 
@@ -97,6 +104,9 @@ def test_bad_config_and_tasks(synth: Path, tmp_path: Path) -> None:
     (tmp_path / "p.yaml").write_text("augment_copie: 2\n")
     proc = run_cli("prepare", "--coco-root", str(synth), "--out", str(tmp_path), "--config", str(tmp_path / "p.yaml"))
     assert_one_line_error(proc, "p.yaml: augment_copie: unknown key (did you mean 'augment_copies'?)")
+    (tmp_path / "p.yaml").write_text("val_fraction: 0.5\ntest_fraction: 0.5\n")
+    proc = run_cli("prepare", "--coco-root", str(synth), "--out", str(tmp_path), "--config", str(tmp_path / "p.yaml"))
+    assert_one_line_error(proc, "p.yaml: val_fraction + test_fraction: must be < 1")
     proc = run_cli("prepare", "--coco-root", str(synth), "--out", str(tmp_path), "--tasks", "DCH", "DOG")
     assert_one_line_error(proc, "--tasks: tasks: unknown task code 'DOG'")
     proc = run_cli("inspect", str(tmp_path))

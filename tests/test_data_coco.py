@@ -206,6 +206,39 @@ def test_split_is_a_fixed_function_of_the_image_id() -> None:
     assert np.all(val3[val])
 
 
+def test_test_split_honours_the_fractions_and_leaves_val_alone() -> None:
+    ids = np.arange(1, 20001)
+    split = np.array([image_split(int(i), 0.2, 0.15) for i in ids])
+    assert set(split) == {"train", "val", "test"}
+    assert 0.18 < (split == "val").mean() < 0.22 and 0.13 < (split == "test").mean() < 0.17
+    # the test split is taken from train only: every val image stays val, whatever test_fraction
+    val_only = np.array([image_split(int(i), 0.2) for i in ids])
+    assert np.array_equal(split == "val", val_only == "val")
+    assert np.all(val_only[split == "test"] == "train")
+    assert all(image_split(int(i), 0.0, 0.0) == "train" for i in ids[:100])
+    assert all(image_split(int(i), 0.0, 0.9999) == "test" for i in ids[:100])
+    # a larger test fraction only moves images from train to test
+    more = np.array([image_split(int(i), 0.2, 0.3) for i in ids])
+    assert np.all(more[split == "test"] == "test") and np.array_equal(more == "val", split == "val")
+
+
+def test_crops_carry_the_split_of_their_image(tmp_path: Path) -> None:
+    generate_coco(tmp_path, n_images=30, seed=3)
+    cfg = PrepareConfig(tasks=["PHB", "DCH", "CTB"], augment_copies=1, val_fraction=0.25, test_fraction=0.25)
+    recs = list(iter_crops(open_sources(tmp_path, ["synth"], cfg.tasks), cfg))
+    by_split: dict[str, set[int]] = {"train": set(), "val": set(), "test": set()}
+    for r in recs:
+        assert r.split == image_split(r.image_id, 0.25, 0.25)
+        by_split[r.split].add(r.image_id)
+    assert all(by_split.values())
+    assert not (by_split["train"] & by_split["val"] or by_split["train"] & by_split["test"]
+                or by_split["val"] & by_split["test"])
+    # held-out splits are not augmented: one crop per instance
+    for split in ("val", "test"):
+        anns = [r.ann_id for r in recs if r.split == split]
+        assert len(anns) == len(set(anns)) > 0
+
+
 def test_unknown_category_name_names_the_file(tmp_path: Path) -> None:
     root = tmp_path / "c"
     make_handmade(root)
@@ -241,6 +274,8 @@ def test_image_of_wrong_size_is_a_data_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize("data, field", [
     ({"tasks": ["DCH", "XYZ"]}, "tasks"), ({"zoom": [1.2, 0.8]}, "zoom"), ({"val_fraction": 1.0}, "val_fraction"),
     ({"augment_copy": 2}, "augment_copy"), ({"image_size": "big"}, "image_size"),
+    ({"test_fraction": -0.1}, "test_fraction"),
+    ({"val_fraction": 0.5, "test_fraction": 0.5}, r"val_fraction \+ test_fraction"),
 ])
 def test_prepare_config_errors_name_the_field(data: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=rf"^prep\.yaml: {field}: "):

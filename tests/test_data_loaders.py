@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mike_ray.data.coco import PrepareConfig
-from mike_ray.data.loaders import ShardDataset, make_loader, ray_dataset
+from mike_ray.data.loaders import ShardDataset, count_rows, make_loader, ray_dataset
 from mike_ray.data.shards import binary_to_array, prepare_dataset, read_shard, shard_path
 from mike_ray.data.synth import generate_coco
 from mike_ray.errors import ConfigError
@@ -56,10 +56,19 @@ def test_loader_yields_seeded_shuffled_whole_batches(prepared: Path) -> None:
 
 
 def test_bad_split_or_task(prepared: Path) -> None:
-    with pytest.raises(ConfigError, match="split: 'test'"):
-        ShardDataset(prepared, "test")
+    with pytest.raises(ConfigError, match="split: 'holdout' is not one of train, val, test"):
+        ShardDataset(prepared, "holdout")
     with pytest.raises(ConfigError, match="tasks: SSS not prepared"):
         ShardDataset(prepared, "train", tasks=["SSS"])
+
+
+def test_the_test_split_loads_like_the_others(prepared: Path) -> None:
+    test = ShardDataset(prepared, "test")
+    assert len(test) == count_rows(prepared, "test") > 0
+    others = set(ShardDataset(prepared, "train").image_ids) | set(ShardDataset(prepared, "val").image_ids)
+    assert not set(test.image_ids) & others  # held out by image id
+    batch = next(iter(make_loader(test, batch_size=4, shuffle=False)))
+    assert batch["image"].shape == (4, 3, 64, 64) and batch["mask"].dtype == torch.float32
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mike_ray.data.coco import PrepareConfig, image_split, iter_crops, open_sources
-from mike_ray.data.shards import (MANIFEST, SCHEMA, binary_to_array, content_hash, prepare_dataset, read_manifest,
-                                  read_shard, shard_path, validate_dataset)
+from mike_ray.data.coco import SPLITS, PrepareConfig, image_split, iter_crops, open_sources
+from mike_ray.data.shards import (MANIFEST, SCHEMA, binary_to_array, check_dataset, content_hash, dataset_summary,
+                                  prepare_dataset, read_manifest, read_shard, shard_path, validate_dataset)
 from mike_ray.data.synth import generate_coco
 from mike_ray.data.tasks import TASKS
 from mike_ray.errors import DataError
@@ -36,7 +36,8 @@ def prepared(synth: Path, tmp_path_factory) -> Path:
 def test_parquet_round_trip_equals_the_crop_stream(synth: Path, prepared: Path) -> None:
     recs = list(iter_crops(open_sources(synth, ["synth"], CFG.tasks), CFG))
     man = read_manifest(prepared)
-    for split in ("train", "val"):
+    assert SPLITS == ("train", "val", "test") and set(man.counts) == set(man.instances) == set(SPLITS)
+    for split in SPLITS:
         for task in CFG.tasks:
             table = read_shard(shard_path(prepared, split, task), 64)
             assert table.schema.equals(SCHEMA)
@@ -59,13 +60,42 @@ def test_binary_columns_decode_to_arrays(prepared: Path) -> None:
 
 
 def test_splits_are_disjoint_by_image_id(prepared: Path) -> None:
-    ids = {s: set() for s in ("train", "val")}
+    ids = {s: set() for s in SPLITS}
     for split in ids:
         for task in CFG.tasks:
-            got = read_shard(shard_path(prepared, split, task), 64, columns=["image_id"]).column("image_id")
-            ids[split] |= set(got.to_pylist())
-    assert ids["train"] and ids["val"] and not ids["train"] & ids["val"]
-    assert all(image_split(i, CFG.val_fraction) == s for s, v in ids.items() for i in v)
+            got = read_shard(shard_path(prepared, split, task), 64, columns=["image_id", "split"])
+            assert set(got.column("split").to_pylist()) <= {split}
+            ids[split] |= set(got.column("image_id").to_pylist())
+    # across all tasks, an image (and so every crop of it) lies in exactly one split
+    assert ids["train"] and ids["val"] and ids["test"]
+    assert not ids["train"] & ids["val"] and not ids["train"] & ids["test"] and not ids["val"] & ids["test"]
+    assert all(image_split(i, CFG.val_fraction, CFG.test_fraction) == s for s, v in ids.items() for i in v)
+
+
+def test_every_split_has_a_shard_per_task_even_when_empty(synth: Path, tmp_path: Path) -> None:
+    # nothing held out for test: the test shards still exist (empty), the manifest counts them as 0
+    root = prepare_dataset(CFG.model_copy(update={"test_fraction": 0.0}), synth, tmp_path)
+    man = check_dataset(root)
+    for task in CFG.tasks:
+        assert shard_path(root, "test", task).is_file() and man.rows("test", task) == 0
+        assert read_shard(shard_path(root, "test", task), 64).num_rows == 0
+    summary = dataset_summary(root).splitlines()
+    assert summary[1].split() == ["task", "class", *SPLITS, *(f"inst.{s}" for s in SPLITS)]
+    assert summary[-1].split()[0] == "all" and summary[-1].split()[3] == "0"
+
+
+def test_test_fraction_leaves_val_unchanged(synth: Path, prepared: Path, tmp_path: Path) -> None:
+    without = prepare_dataset(CFG.model_copy(update={"test_fraction": 0.0}), synth, tmp_path)
+    for task in CFG.tasks:
+        a = read_shard(shard_path(prepared, "val", task), 64)
+        b = read_shard(shard_path(without, "val", task), 64)
+        assert a.equals(b)  # the same val crops, byte for byte
+        # test crops come out of train: train + test (un-augmented copies aside) are the old train images
+        train_ids = set(read_shard(shard_path(without, "train", task), 64, columns=["image_id"])
+                        .column("image_id").to_pylist())
+        moved = set(read_shard(shard_path(prepared, "test", task), 64, columns=["image_id"])
+                    .column("image_id").to_pylist())
+        assert moved <= train_ids
 
 
 def test_same_config_gives_same_content_and_is_reused(synth: Path, prepared: Path, tmp_path: Path) -> None:
@@ -113,6 +143,8 @@ def _copy(src: Path, dst: Path) -> Path:
     (lambda m: m.update(format_version=99), r"manifest\.json: format_version: 99"),
     (lambda m: m["config"].update(seed=3), r"manifest\.json: config_key: .* does not match"),
     (lambda m: m["counts"]["val"].pop("DCH"), r"manifest\.json: counts\.val\.DCH: missing"),
+    (lambda m: m["counts"].pop("test"), r"manifest\.json: counts\.test\.PHB: missing"),
+    (lambda m: m.update(format_version=1), r"manifest\.json: format_version: 1, this mike_ray reads 2"),
     (lambda m: m["counts"]["train"]["DCH"].update(dog=10**6), r"DCH\.parquet: \d+ rows, manifest counts"),
     (lambda m: m.update(extra=1), r"manifest\.json: extra: unknown key"),
 ])
@@ -148,4 +180,21 @@ def test_bad_shards_name_the_file(prepared: Path, tmp_path: Path) -> None:
         validate_dataset(root)
     path.unlink()
     with pytest.raises(DataError, match=r"train/DCH\.parquet: shard missing"):
+        validate_dataset(root)
+
+
+def test_test_shards_are_checked_like_the_others(prepared: Path, tmp_path: Path) -> None:
+    root = _copy(prepared, tmp_path / "d")
+    path = shard_path(root, "test", "DCH")
+    table = pq.read_table(path)
+    assert table.num_rows and set(table.column("split").to_pylist()) == {"test"}
+    # a file lying in test/ holds split 'test' rows only; elsewhere any known split is accepted
+    val_rows = table.set_column(SCHEMA.get_field_index("split"), "split", pa.array(["val"] * table.num_rows))
+    pq.write_table(val_rows, path)
+    with pytest.raises(DataError, match=r"test/DCH\.parquet: column 'split': row 0 has 'val', expected 'test'"):
+        read_shard(path, 64)
+    pq.write_table(table, tmp_path / "loose.parquet")
+    assert read_shard(tmp_path / "loose.parquet", 64).num_rows == table.num_rows
+    path.unlink()
+    with pytest.raises(DataError, match=r"test/DCH\.parquet: shard missing"):
         validate_dataset(root)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mike_ray.data.coco import load_coco
-from mike_ray.data.synth import COCO_CATEGORIES, generate_coco
+from mike_ray.data.coco import SPLITS, PrepareConfig, image_split, load_coco, open_sources
+from mike_ray.data.synth import COCO_CATEGORIES, DEFAULT_IMAGES, generate_coco
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -91,3 +91,23 @@ def test_objects_are_painted_where_annotated(synth: Path) -> None:
         ring &= ~m
         contrast.append(np.abs(img[m].mean(0) - img[ring].mean(0)).sum())
     assert len(contrast) > 30 and np.median(contrast) > 30
+
+
+def test_default_size_gives_every_task_val_and_test_instances(tmp_path: Path) -> None:
+    """The demo's dataset (the default size): with the default split fractions every task has
+    instances in train, val and test (counted from the annotations, as ``prepare`` selects them)."""
+    generate_coco(tmp_path, n_images=DEFAULT_IMAGES, seed=0)
+    cfg = PrepareConfig()
+    src = open_sources(tmp_path, ["synth"], cfg.tasks)[0]
+    per_split = {s: {t: 0 for t in cfg.tasks} for s in SPLITS}
+    for ann in src.coco.dataset["annotations"]:
+        if ann["iscrowd"] or ann["area"] < cfg.min_area:
+            continue
+        for task, cats in src.task_cats.items():
+            if ann["category_id"] in cats:
+                per_split[image_split(ann["image_id"], cfg.val_fraction, cfg.test_fraction)][task] += 1
+    # every held-out instance is one crop: >= 30 keeps a test IoU meaningful on every task
+    for split in ("val", "test"):
+        assert min(per_split[split].values()) >= 30, (split, per_split[split])
+    # 60/20/20 by image: about three training instances per test instance overall
+    assert sum(per_split["train"].values()) > 2 * sum(per_split["test"].values())

@@ -15,9 +15,10 @@ For every selected task and every instance of its three classes that is not a cr
    (``annToMask``), cropped and flipped with the same box, resized bilinearly and thresholded at ½.
    Classes of other tasks are not drawn.
 
-Images go to ``train`` or ``val`` by a hash of the image id (:func:`image_split`), so an image and
-all its crops land in one split, for every task. Validation crops are not augmented unless
-``augment_val``.
+Images go to ``train``, ``val`` or ``test`` by a hash of the image id (:func:`image_split`), so an
+image and all its crops land in one split, for every task. Validation and test crops are not
+augmented unless ``augment_val``. ``val`` is for selection (teachers, sweeps), ``test`` is held out
+for the reports.
 
 Errors in the input raise :class:`~mike_ray.errors.DataError` with one line that names the file
 and the image id / field.
@@ -45,7 +46,7 @@ from mike_ray.config_base import StrictModel
 from mike_ray.data.tasks import TASK_CODES, TASKS, check_task_codes, resolve_task_categories
 from mike_ray.errors import ConfigError, DataError, one_line
 
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
 
 
 class PrepareConfig(StrictModel):
@@ -59,9 +60,11 @@ class PrepareConfig(StrictModel):
     shift: float = Field(0.1, ge=0.0, le=0.5, description="max shift of the box centre, fraction of its side")
     zoom: tuple[float, float] = Field((0.8, 1.25), description="zoom factor range; side is divided by it")
     mirror: bool = Field(True, description="augmented copies are flipped left-right with probability 1/2")
-    augment_val: bool = Field(False, description="also augment validation instances")
+    augment_val: bool = Field(False, description="also augment validation and test instances")
     min_area: float = Field(256.0, ge=0.0, description="instances with a smaller mask area (px²) are not cropped")
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="fraction of image ids held out for val")
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0,
+                                 description="fraction of image ids held out for test (reports only)")
     seed: int = Field(0, ge=0, description="augmentation seed")
     tasks: list[str] = Field(default_factory=lambda: list(TASK_CODES), description="task codes to prepare")
     max_instances_per_class: int | None = Field(
@@ -83,6 +86,14 @@ class PrepareConfig(StrictModel):
             raise PydanticCustomError("task_code", str(err).removeprefix("tasks: ")) from None
 
     @model_validator(mode="after")
+    def _fractions(self) -> "PrepareConfig":
+        # both held-out fractions come out of [0, 1): something must be left to train on
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(f"val_fraction + test_fraction: must be < 1 (some images must stay in train), "
+                             f"got {self.val_fraction} + {self.test_fraction}")
+        return self
+
+    @model_validator(mode="after")
     def _task_order(self) -> "PrepareConfig":
         # canonical order (task id order) so the same set of tasks gives the same config key
         order = sorted(self.tasks, key=TASK_CODES.index)
@@ -91,10 +102,18 @@ class PrepareConfig(StrictModel):
         return self
 
 
-def image_split(image_id: int, val_fraction: float) -> str:
-    """``"val"`` or ``"train"`` for an image id: a fixed hash, so every task and run agree."""
+def image_split(image_id: int, val_fraction: float, test_fraction: float = 0.0) -> str:
+    """``"val"``, ``"test"`` or ``"train"`` for an image id: a fixed hash, so every task and run agree.
+
+    The hash gives u in [0, 1): u < val_fraction is val, then the next ``test_fraction`` is test,
+    the rest train. Val comes first so that adding a test split leaves every val image where it was
+    (test images are taken from train only).
+    """
     digest = hashlib.blake2b(f"mike_ray-split:{int(image_id)}".encode(), digest_size=8).digest()
-    return "val" if int.from_bytes(digest, "big") / 2.0**64 < val_fraction else "train"
+    u = int.from_bytes(digest, "big") / 2.0**64
+    if u < val_fraction:
+        return "val"
+    return "test" if u < val_fraction + test_fraction else "train"
 
 
 # --------------------------------------------------------------------------- annotation files
@@ -306,7 +325,7 @@ def crop_specs(bbox: Sequence[float], ann_id: int, cfg: PrepareConfig, augment: 
     Args:
         bbox: COCO ``[x, y, w, h]`` of the instance.
         ann_id: annotation id; with ``cfg.seed`` it seeds the augmentation draws.
-        augment: False gives only the un-augmented crop (validation).
+        augment: False gives only the un-augmented crop (validation and test).
     """
     x, y, w, h = (float(c) for c in bbox)
     cx, cy = x + w / 2, y + h / 2
@@ -509,7 +528,7 @@ def iter_crops(sources: Sequence[CocoSource], cfg: PrepareConfig,
             if not chosen:
                 continue
             img = src.coco.imgs[img_id]
-            split = image_split(img_id, cfg.val_fraction)
+            split = image_split(img_id, cfg.val_fraction, cfg.test_fraction)
             augment = split == "train" or cfg.augment_val
             image = _load_image(src.image_dir / img["file_name"], img, source)
             for code in cfg.tasks:  # task id order: deterministic row order

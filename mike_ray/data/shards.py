@@ -6,6 +6,7 @@ Layout of a prepared dataset (docs/contracts.md)::
         manifest.json            written last; its presence means "complete"
         train/<TASK>.parquet     one file per (split, task), also when empty
         val/<TASK>.parquet
+        test/<TASK>.parquet
 
 ``config_key`` is a short hash of the :class:`PrepareConfig`, the source (split names and the
 sha256 of each annotation file) and the format version, so a different config or different
@@ -43,7 +44,7 @@ from mike_ray.data.coco import (SPLITS, CropRecord, PrepareConfig, annotation_pa
 from mike_ray.data.tasks import TASK_CODES, TASKS
 from mike_ray.errors import DataError, one_line
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a test split (test/<TASK>.parquet, counts.test); 1 had train/val only
 MANIFEST = "manifest.json"
 ROW_GROUP = 1024  # rows buffered per (split, task) before a row group is written
 
@@ -504,15 +505,16 @@ def _publish(tmp: Path, final: Path) -> None:
 def dataset_summary(root: str | Path) -> str:
     """A human-readable table of a prepared dataset's crops per split, task and class."""
     man = validate_dataset(root)
+    inst = [f"inst.{s}" for s in SPLITS]
     lines = [f"{Path(root)}  (config_key {man.config_key}, {man.image_size}px, format {man.format_version})",
-             f"{'task':<5} {'class':<14} {'train':>7} {'val':>7} {'inst.train':>10} {'inst.val':>8}"]
+             f"{'task':<5} {'class':<14} " + " ".join(f"{s:>7}" for s in SPLITS) + " "
+             + " ".join(f"{h:>10}" for h in inst)]
     for task in man.tasks:
         for cls in TASKS[task]:
-            lines.append(f"{task:<5} {cls:<14} {man.counts['train'][task][cls]:>7} {man.counts['val'][task][cls]:>7}"
-                         f" {man.instances['train'][task][cls]:>10} {man.instances['val'][task][cls]:>8}")
-        lines.append(f"{task:<5} {'(total)':<14} {man.rows('train', task):>7} {man.rows('val', task):>7}")
-    tot = {s: sum(man.rows(s, t) for t in man.tasks) for s in SPLITS}
-    lines.append(f"all   {'':<14} {tot['train']:>7} {tot['val']:>7}")
+            lines.append(f"{task:<5} {cls:<14} " + " ".join(f"{man.counts[s][task][cls]:>7}" for s in SPLITS) + " "
+                         + " ".join(f"{man.instances[s][task][cls]:>10}" for s in SPLITS))
+        lines.append(f"{task:<5} {'(total)':<14} " + " ".join(f"{man.rows(s, task):>7}" for s in SPLITS))
+    lines.append(f"all   {'':<14} " + " ".join(f"{sum(man.rows(s, t) for t in man.tasks):>7}" for s in SPLITS))
     return "\n".join(lines)
 
 

@@ -29,9 +29,11 @@ are written in a fixed order, so the same seed gives byte-identical JSON and ima
 
 Default size (:data:`DEFAULT_IMAGES`): 1,000 images of 144–192 px with ~5,000 annotations. With the
 default :class:`~mike_ray.data.coco.PrepareConfig` (min_area 256, 1 + 3 augmented crops per training
-instance, 20% of images held out, validation not augmented) that is 850–1,300 training crops and
-40–95 validation crops per task (~11,100 + ~680 in all). Generating takes ~5.5 s and preparing ~3 s
-on one core of this machine (benchmarks/data_prep.py).
+instance, 20% of images held out for val and 20% for test, held-out crops not augmented) that is
+590–960 training crops, 39–94 validation crops and 53–85 test crops per task (~8,200 + ~680 + ~720
+in all), so every task has a test split. A tiny dataset (the smoke profile's 60 images) may leave a
+task without val or test crops. Generating takes ~5.5 s and preparing ~3 s on one core of this
+machine (benchmarks/data_prep.py).
 """
 from __future__ import annotations
 

@@ -1,8 +1,11 @@
 """Downstream evaluation (paper §4.2): freeze the encoder, retrain the decoder as a segmenter.
 
 For each task the autoencoder's decoder is retrained (from its trained weights, or re-initialised)
-to output the task's 3-channel mask from the frozen embedding; the score is val IoU and IoU ÷ that
-task's teacher IoU ("normalised IoU"). Tasks run in parallel as Ray tasks.
+to output the task's 3-channel mask from the frozen embedding, trained on the task's train split.
+It is scored on two held-out splits (by image id): **val**, which selects configurations (the Tune
+objective, "best per subset"), and **test**, which the summary table, the radar charts and
+docs/results.md report. Each score is IoU and IoU ÷ that task's teacher IoU on the same split
+("normalised IoU"). Tasks run in parallel as Ray tasks.
 """
 from __future__ import annotations
 
@@ -51,14 +54,18 @@ def _embed(encoder: torch.nn.Module, loader, device) -> tuple[torch.Tensor, torc
         for batch in loader:
             zs.append(encoder(batch["image"].to(device)).cpu())
             ms.append(batch["mask"])
+    if not zs:  # a split without rows for this task (scored NaN, never an error)
+        size = loader.dataset.manifest.image_size
+        return encoder(torch.zeros(1, 3, size, size, device=device)).cpu()[:0], torch.zeros(0, 3, size, size)
     return torch.cat(zs), torch.cat(ms)
 
 
 def train_downstream(task: str, model_spec: Mapping[str, Any], state: Mapping[str, torch.Tensor],
                      data_root: str | Path, cfg: DownstreamConfig) -> dict[str, Any]:
-    """Retrain the decoder on ``task``'s masks with the encoder frozen; return val IoU.
+    """Retrain the decoder on ``task``'s train masks with the encoder frozen; score val and test.
 
-    Returns ``{"task", "iou": mean over the 3 classes, "iou_per_class", "seconds"}``.
+    Returns ``{"task", "iou", "iou_per_class" (val), "test_iou", "test_iou_per_class", "test_rows",
+    "seconds"}``; the test values are NaN when the task has no test rows.
     """
     from mike_ray.data.loaders import ShardDataset, make_loader
     from mike_ray.models import build_model
@@ -76,9 +83,9 @@ def train_downstream(task: str, model_spec: Mapping[str, Any], state: Mapping[st
 
     train_dl = make_loader(ShardDataset(data_root, "train", [task], limit=cfg.max_train_samples, seed=cfg.seed),
                            256, shuffle=False)
-    val_dl = make_loader(ShardDataset(data_root, "val", [task]), 256, shuffle=False)
     z_train, m_train = _embed(ae.encoder, train_dl, device)
-    z_val, m_val = _embed(ae.encoder, val_dl, device)
+    held_out = {split: _embed(ae.encoder, make_loader(ShardDataset(data_root, split, [task]), 256, shuffle=False),
+                              device) for split in ("val", "test")}
 
     # the decoder now outputs mask logits instead of an RGB image (same topology, paper §4.2)
     params = [p for p in ae.parameters() if p.requires_grad]
@@ -97,21 +104,30 @@ def train_downstream(task: str, model_spec: Mapping[str, Any], state: Mapping[st
             opt.step()
 
     ae.decoder.eval()
-    meter = IoUMeter(3)
-    with torch.no_grad():
-        for i in range(0, len(z_val), 256):
-            meter.update(ae.decode(z_val[i:i + 256].to(device)), m_val[i:i + 256].to(device))
-    return {"task": task, "iou": meter.mean(), "iou_per_class": meter.per_class(),
-            "seconds": time.perf_counter() - t0}
+    out: dict[str, Any] = {"task": task}
+    for split, (z, m) in held_out.items():
+        meter = IoUMeter(3)
+        with torch.no_grad():
+            for i in range(0, len(z), 256):
+                meter.update(ae.decode(z[i:i + 256].to(device)), m[i:i + 256].to(device))
+        key = "" if split == "val" else "test_"
+        empty = len(z) == 0
+        out[f"{key}iou"] = math.nan if empty else meter.mean()
+        out[f"{key}iou_per_class"] = [math.nan] * 3 if empty else meter.per_class()
+    out["test_rows"] = len(held_out["test"][0])
+    out["seconds"] = time.perf_counter() - t0
+    return out
 
 
 def evaluate_downstream(model_spec: Mapping[str, Any], state: Mapping[str, torch.Tensor],
                         data_root: str | Path, cfg: DownstreamConfig,
-                        teacher_iou: Mapping[str, float]) -> dict[str, dict[str, float]]:
-    """Every task of ``cfg`` in parallel as Ray tasks → ``{task: {"iou", "teacher_iou", "norm_iou"}}``.
+                        teacher_iou: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """Every task of ``cfg`` in parallel as Ray tasks →
+    ``{task: {"iou", "teacher_iou", "norm_iou", "test_iou", "teacher_test_iou", "test_norm_iou", ...}}``.
 
-    ``norm_iou`` = downstream IoU ÷ the task's teacher IoU (NaN when the teacher's IoU is unknown
-    or 0). Requires ``ray.init``.
+    ``teacher_iou``: task → ``{"val": mIoU, "test": mIoU}`` of the task's teacher. A normalised IoU is
+    NaN when the teacher's IoU on that split is unknown or 0, or the split has no rows for the task.
+    Requires ``ray.init``.
     """
     import ray
 
@@ -130,13 +146,26 @@ def evaluate_downstream(model_spec: Mapping[str, Any], state: Mapping[str, torch
     out: dict[str, dict[str, float]] = {}
     for res in ray.get(refs):
         t = res["task"]
-        tiou = float(teacher_iou.get(t, math.nan))
-        out[t] = {"iou": res["iou"], "teacher_iou": tiou, "seconds": res["seconds"],
-                  "norm_iou": res["iou"] / tiou if tiou and not math.isnan(tiou) else math.nan}
+        row = {"seconds": res["seconds"], "test_rows": res["test_rows"]}
+        for split, key in (("val", ""), ("test", "test_")):
+            tiou = float(teacher_iou.get(t, {}).get(split, math.nan))
+            iou = res[f"{key}iou"]
+            row[f"{key}iou"] = iou
+            row[f"teacher_{key}iou"] = tiou
+            row[f"{key}norm_iou"] = iou / tiou if tiou and not math.isnan(tiou) else math.nan
+        out[t] = row
     return out
 
 
+def norm_iou_mean(results: Mapping[str, Mapping[str, float]], split: str = "val") -> tuple[float, int]:
+    """Mean normalised IoU over the tasks on ``split`` ("val": the sweep objective; "test": reports),
+    and how many tasks it averages: a task without a score (NaN) is left out *and counted*, so a
+    report can print "k of n tasks" instead of hiding it."""
+    key = "norm_iou" if split == "val" else f"{split}_norm_iou"
+    vals = [r[key] for r in results.values() if not math.isnan(r.get(key, math.nan))]
+    return (sum(vals) / len(vals) if vals else math.nan), len(vals)
+
+
 def mean_norm_iou(results: Mapping[str, Mapping[str, float]]) -> float:
-    """Mean normalised IoU over tasks (the sweep objective); NaN tasks are left out."""
-    vals = [r["norm_iou"] for r in results.values() if not math.isnan(r["norm_iou"])]
-    return sum(vals) / len(vals) if vals else math.nan
+    """The sweep objective: mean normalised val IoU over the tasks that have one (:func:`norm_iou_mean`)."""
+    return norm_iou_mean(results, "val")[0]

@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from mike_ray.config import Range, SweepConfig
+from mike_ray.config import Range, SearchConfig, SweepConfig
 from mike_ray.tracking import RunLogger, Tracking
 from mike_ray.utils import write_json_atomic
 
@@ -54,10 +54,14 @@ class DefineByRun:
         return out or None
 
 
-def trial_settings(cfg: SweepConfig, params: dict[str, Any]) -> tuple[dict[str, Any], str, list[str]]:
-    """A trial's params → (its TransferConfig dict, teacher subset name, teacher names)."""
+def trial_settings(cfg: SweepConfig, params: dict[str, Any]) -> tuple[str, dict[str, Any], str, list[str]]:
+    """A trial's params → (its method, its TransferConfig dict, teacher subset name, teacher names).
+
+    The method is "mike", "pixel" (the baseline) or "control" (no transfer: the untrained encoder,
+    which needs no teachers and no subset: subset "-")."""
+    method = params.get("method", cfg.method)
     t = cfg.transfer.model_dump()
-    t["method"] = params.get("method", cfg.method)
+    t["method"] = "pixel" if method == "control" else method
     t["seed"] = cfg.transfer.seed + int(params.get("__trial_index__", 0) or 0)
     if "embed_channels" in params:
         t["model"]["embed_channels"] = int(params["embed_channels"])
@@ -66,8 +70,10 @@ def trial_settings(cfg: SweepConfig, params: dict[str, Any]) -> tuple[dict[str, 
     for key in ("schedule", "pretrain_fraction", "num_phases"):
         if key in params:
             t["schedule"]["name" if key == "schedule" else key] = params[key]
+    if method == "control":
+        return method, t, "-", []
     subset = params.get("teacher_subset") or next(iter(cfg.teacher_subsets))
-    return t, subset, cfg.subset(subset)
+    return method, t, subset, cfg.subset(subset)
 
 
 def _shard_count(cfg: SweepConfig, n_teachers: int) -> int:
@@ -77,7 +83,7 @@ def _shard_count(cfg: SweepConfig, n_teachers: int) -> int:
 
 def _uses_shards(cfg: SweepConfig, methods: list[str]) -> bool:
     """Whether a Tuner's trials (with these methods) need teacher shards."""
-    return cfg.resources.placement.mode == "ray" and any(m not in ("pixel", "student") for m in methods)
+    return cfg.resources.placement.mode == "ray" and any(m not in ("pixel", "control", "student") for m in methods)
 
 
 def trial_resources(cfg: SweepConfig, methods: list[str], n_teachers: int):
@@ -100,11 +106,13 @@ def trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     import ray.tune
     import torch
 
-    from mike_ray.mike.downstream import DownstreamConfig, evaluate_downstream, mean_norm_iou
+    from mike_ray.mike.downstream import DownstreamConfig, evaluate_downstream, norm_iou_mean
     from mike_ray.mike.train import TransferConfig
+    from mike_ray.models import build_model
     from mike_ray.orchestrate.transfer import run_transfer, teacher_refs
     from mike_ray.teachers.shard import ShardGroup
     from mike_ray.teachers.zoo import read_zoo
+    from mike_ray.utils import seed_everything
 
     import time
 
@@ -112,7 +120,7 @@ def trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     cfg = SweepConfig.model_validate(ctx["sweep"])
     tracking = Tracking(**ctx["tracking"])
     params = {k: v for k, v in config.items()}
-    tdict, subset, teachers = trial_settings(cfg, params)
+    method, tdict, subset, teachers = trial_settings(cfg, params)
     tcfg = TransferConfig.model_validate(tdict)
     trial_id = ray.tune.get_context().get_trial_id()
     sweep_dir = Path(ctx["sweep_dir"])
@@ -125,38 +133,47 @@ def trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     query = [zoo[t].task for t in teachers]  # the query data: the teachers' own tasks (paper §4.1)
 
     run = _trial_run(tracking, ctx["parent_id"], trial_id, cfg.name, {
-        "mike_ray.teacher_subset": subset, "mike_ray.method": tcfg.method,
+        "mike_ray.teacher_subset": subset, "mike_ray.method": method,
         "mike_ray.seed": str(tcfg.seed)})
     run.params({"trial": {k: v for k, v in params.items() if not k.startswith("__")},
-                "transfer": tcfg.model_dump(mode="json"), "teachers": ",".join(teachers),
+                "transfer": tcfg.model_dump(mode="json"), "teachers": ",".join(teachers) or "-",
                 "teacher_subset": subset, "downstream": cfg.downstream.model_dump(mode="json")})
-    base = {"trial_id": trial_id, "family": "mike", "method": tcfg.method, "subset": subset, "teachers": teachers,
+    base = {"trial_id": trial_id, "family": "mike", "method": method, "subset": subset, "teachers": teachers,
             "params": {k: v for k, v in params.items() if not k.startswith("__")}, "seed": tcfg.seed,
-            "mlflow_run_id": run.run_id}
+            "model": tcfg.model, "mlflow_run_id": run.run_id}
     try:
-        # --- transfer: shards in this trial's placement group, workers in Train's own -----------
-        shards = None
-        if tcfg.method == "mike":
-            refs = teacher_refs(Path(ctx["zoo_dir"]), teachers)
-            pg = ray.util.get_current_placement_group()
-            shards = ShardGroup(refs, cfg.resources.placement, placement_group=pg, first_bundle=1)
-        try:
-            res = run_transfer(tcfg, [], ctx["data_root"], query, cfg.resources.placement,
-                               cfg.resources.workers, sweep_dir / "runs", trial_id, shards=shards)
-        finally:
-            if shards is not None:
-                shards.shutdown()
-        for h in res.history:
-            run.metrics({k: v for k, v in h.items() if k not in ("epoch",)}, step=int(h["epoch"]))
-        run.tags({"mike_ray.checkpoint": res.checkpoint_path})
+        res = None
+        if method == "control":
+            # --- control: no transfer at all; the encoder stays as initialised with this seed ---
+            seed_everything(tcfg.seed)
+            state = build_model(tcfg.model).state_dict()
+        else:
+            # --- transfer: shards in this trial's placement group, workers in Train's own -------
+            shards = None
+            if tcfg.method == "mike":
+                refs = teacher_refs(Path(ctx["zoo_dir"]), teachers)
+                pg = ray.util.get_current_placement_group()
+                shards = ShardGroup(refs, cfg.resources.placement, placement_group=pg, first_bundle=1)
+            try:
+                res = run_transfer(tcfg, [], ctx["data_root"], query, cfg.resources.placement,
+                                   cfg.resources.workers, sweep_dir / "runs", trial_id, shards=shards)
+            finally:
+                if shards is not None:
+                    shards.shutdown()
+            for h in res.history:
+                run.metrics({k: v for k, v in h.items() if k not in ("epoch",)}, step=int(h["epoch"]))
+            run.tags({"mike_ray.checkpoint": res.checkpoint_path})
+            state = res.state
 
-        # --- downstream: freeze the encoder, retrain the decoder per task --------------------------
+        # --- downstream: freeze the encoder, retrain the decoder per task; score val and test -----
         dcfg = DownstreamConfig.model_validate({**cfg.downstream.model_dump(), "seed": tcfg.seed})
-        teacher_iou = {name: rec.val_miou for name, rec in zoo.items()}
-        down = evaluate_downstream(tcfg.model, res.state, ctx["data_root"], dcfg, teacher_iou)
-        record = {**base, "status": "finished", "score": mean_norm_iou(down), "downstream": down,
-                  "checkpoint": res.checkpoint_path, "retries": res.retries,
-                  "transfer_seconds": sum(h.get("time/epoch_seconds", 0.0) for h in res.history),
+        teacher_iou = {rec.task: {"val": rec.val_miou, "test": rec.test_miou} for rec in zoo.values()}
+        down = evaluate_downstream(tcfg.model, state, ctx["data_root"], dcfg, teacher_iou)
+        (score, n_val), (test_score, n_test) = norm_iou_mean(down, "val"), norm_iou_mean(down, "test")
+        record = {**base, "status": "finished", "score": score, "score_tasks": n_val,
+                  "test_score": test_score, "test_tasks": n_test, "downstream": down,
+                  "checkpoint": res.checkpoint_path if res else None, "retries": res.retries if res else 0,
+                  "transfer_seconds": sum(h.get("time/epoch_seconds", 0.0) for h in res.history) if res else 0.0,
                   "downstream_seconds": max((d.get("seconds", 0.0) for d in down.values()), default=0.0),
                   "trial_seconds": time.perf_counter() - t_start}
         _trial_artifacts(run, sweep_dir, record, res, tcfg, ctx["data_root"], query)
@@ -194,13 +211,17 @@ def _fail_trial(run: RunLogger, sweep_dir: Path, base: dict[str, Any], err: Base
 
 
 def _final_metrics(record: dict[str, Any]) -> dict[str, float]:
-    """What a finished trial reports to Tune (and logs to MLflow): the objective and per-task IoU."""
+    """What a finished trial reports to Tune (and logs to MLflow): the objective (val), the test
+    score the reports use, and per-task IoU on both splits."""
     down = record["downstream"]
-    return {"score/mean_norm_iou": record["score"],
-            "score/mean_iou": _nanmean([d["iou"] for d in down.values()]),
-            **{f"norm_iou/{t}": d["norm_iou"] for t, d in down.items()},
-            **{f"iou/{t}": d["iou"] for t, d in down.items()},
-            "shard/retries_total": record.get("retries", 0)}
+    out = {"score/mean_norm_iou": record["score"], "score/test/mean_norm_iou": record.get("test_score", math.nan),
+           "score/test/tasks": float(record.get("test_tasks", 0)),
+           "score/mean_iou": _nanmean([d["iou"] for d in down.values()]),
+           "shard/retries_total": record.get("retries", 0)}
+    for t, d in down.items():
+        out.update({f"norm_iou/val/{t}": d["norm_iou"], f"iou/val/{t}": d["iou"],
+                    f"norm_iou/test/{t}": d.get("test_norm_iou", math.nan), f"iou/test/{t}": d.get("test_iou", math.nan)})
+    return out
 
 
 def _trial_run(tracking: Tracking, parent_id: str, trial_id: str, sweep: str, tags: dict[str, str]) -> RunLogger:
@@ -221,7 +242,8 @@ def _trial_run(tracking: Tracking, parent_id: str, trial_id: str, sweep: str, ta
 
 
 def _trial_artifacts(run: RunLogger, sweep_dir: Path, record: dict, res, tcfg, data_root, query) -> None:
-    """Radar chart (vs the subset's pixel baseline when known), layerwise loss, reconstruction grid."""
+    """Radar chart on the test split (vs the matched pixel baseline when known), layerwise loss,
+    reconstruction grid."""
     import tempfile
 
     import torch
@@ -232,29 +254,35 @@ def _trial_artifacts(run: RunLogger, sweep_dir: Path, record: dict, res, tcfg, d
 
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
-        series = {f"{record['method']} ({record['subset']})": {t: v["norm_iou"] for t, v in record["downstream"].items()}}
-        base = _baseline_record(sweep_dir, record["subset"], record["seed"])
-        if base is not None and record["method"] != "pixel":
-            series[f"pixel baseline ({record['subset']})"] = {t: v["norm_iou"] for t, v in base["downstream"].items()}
-        run.artifact(radar_chart(series, d / "radar.png", "normalised IoU per downstream task"), "plots")
+        series = {f"{record['method']} ({record['subset']})": _test_spokes(record)}
+        base = _baseline_record(sweep_dir, record["subset"], record["seed"], record["model"])
+        if base is not None and record["method"] == "mike":
+            series[f"pixel baseline ({record['subset']})"] = _test_spokes(base)
+        run.artifact(radar_chart(series, d / "radar.png", "normalised test IoU per downstream task"), "plots")
         if record["method"] == "mike":
             run.artifact(layerwise_loss(res.history, "loss/val/teacher", d / "layerwise_loss.png",
                                         "layerwise val loss (unweighted)"), "plots")
-        model = build_model(tcfg.model)
-        model.load_state_dict(res.state)
-        model.eval()
-        val = ShardDataset(data_root, "val", query, limit=8)
-        x = val.__getitems__(list(range(len(val))))["image"]
-        with torch.no_grad():
-            xbar = model(x)
-        run.artifact(recon_grid(x.numpy(), xbar.numpy(), d / "reconstructions.png"), "plots")
+        if res is not None:
+            model = build_model(tcfg.model)
+            model.load_state_dict(res.state)
+            model.eval()
+            val = ShardDataset(data_root, "val", query, limit=8)
+            x = val.__getitems__(list(range(len(val))))["image"]
+            with torch.no_grad():
+                xbar = model(x)
+            run.artifact(recon_grid(x.numpy(), xbar.numpy(), d / "reconstructions.png"), "plots")
         run.dict_artifact(record, "trial.json")
 
 
-def _baseline_record(sweep_dir: Path, subset: str, seed: int) -> dict | None:
+def _test_spokes(record: dict) -> dict[str, float]:
+    return {t: v.get("test_norm_iou", math.nan) for t, v in record["downstream"].items()}
+
+
+def _baseline_record(sweep_dir: Path, subset: str, seed: int, model: dict) -> dict | None:
+    """The pixel baseline of the same subset, seed and autoencoder settings (the matched pair)."""
     for p in sorted((sweep_dir / "trials").glob("*.json")):
         rec = json.loads(p.read_text())
-        if rec["method"] == "pixel" and rec["subset"] == subset and rec["seed"] == seed:
+        if rec["method"] == "pixel" and rec["subset"] == subset and rec["seed"] == seed and rec.get("model") == model:
             return rec
     return None
 
@@ -302,11 +330,15 @@ def run_trials(cfg: SweepConfig, data_root: Path, zoo_dir: Path, tracking: Track
     n_max = max(len(cfg.subset(s)) for s in cfg.teacher_subsets)
     seeds = ray.tune.grid_search(list(range(study.repeats)))
 
-    # --- baselines: MIKE → a pixel autoencoder per searched subset and seed; MHGD → the student alone
+    # --- baselines: MIKE → a pixel autoencoder per searched subset × seed × model setting (matched
+    # to the MIKE trials of the same model) and a control (untrained encoder) per seed × model
+    # setting; MHGD → the student alone per seed
     base_method = "pixel" if cfg.family == "mike" else "student"
     searched_methods = list(cfg.search.method or [cfg.method])
+    model_dims = {name: ray.tune.grid_search(list(dim)) for name in SearchConfig.MODEL_DIMS
+                  if (dim := getattr(cfg.search, name, None)) is not None} if cfg.family == "mike" else {}
     if study.baselines and base_method not in searched_methods:
-        space: dict[str, Any] = {"method": base_method, "__trial_index__": seeds}
+        space: dict[str, Any] = {"method": base_method, "__trial_index__": seeds, **model_dims}
         if cfg.family == "mike":
             space["teacher_subset"] = ray.tune.grid_search(list(cfg.search.teacher_subset or
                                                                 [next(iter(cfg.teacher_subsets))]))
@@ -315,6 +347,13 @@ def run_trials(cfg: SweepConfig, data_root: Path, zoo_dir: Path, tracking: Track
         tuner = _tuner(cfg, trainable, "baselines", storage,
                        ray.tune.TuneConfig(max_concurrent_trials=study.concurrency), space, resume)
         _check(tuner.fit(), "baselines")
+    if cfg.family == "mike" and study.control:
+        trainable = ray.tune.with_resources(ray.tune.with_parameters(fn, ctx=ctx),
+                                            trial_resources(cfg, ["control"], 0))
+        tuner = _tuner(cfg, trainable, "controls", storage,
+                       ray.tune.TuneConfig(max_concurrent_trials=study.concurrency),
+                       {"method": "control", "__trial_index__": seeds, **model_dims}, resume)
+        _check(tuner.fit(), "controls")
 
     # --- the search: every combination (grid) or an Optuna study -------------------------------------
     trainable = ray.tune.with_resources(ray.tune.with_parameters(fn, ctx=ctx),

@@ -3,11 +3,16 @@
 Layout of a zoo (keyed by the config that made it and the data it was trained on)::
 
     <out>/zoo/<key>/<TASK>/weights.pt     state_dict, loadable with torch.load(weights_only=True)
-    <out>/zoo/<key>/<TASK>/teacher.json   task, classes, model spec, taps, val IoU, data hash
+    <out>/zoo/<key>/<TASK>/teacher.json   task, classes, model spec, taps, val and test IoU, data hash
     <out>/zoo/<key>/zoo.json              written last: the zoo is complete
 
 Each teacher directory is written atomically, so a killed build keeps the finished teachers and
 re-training resumes with the missing ones only.
+
+Teachers are selected and reported on the val split (``val_miou``); ``test_miou`` is measured once,
+after training, on the held-out test split, for reports only. An IoU that does not exist (no test
+rows, or a class absent from a split) is NaN in memory and ``null`` in the JSON files, which stay
+strict JSON.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from mike_ray.metrics import IoUMeter, prevalence_iou
 from mike_ray.tracking import Tracking
 from mike_ray.utils import atomic_dir, config_key, limit_threads, resolve_device, seed_everything, write_json_atomic
 
-ZOO_FORMAT = 1
+ZOO_FORMAT = 2  # 2: teacher.json has test_iou/test_miou (1 had val only)
 
 
 class TeacherTrainConfig(StrictModel):
@@ -67,9 +72,19 @@ class ZooConfig(StrictModel):
         return v
 
 
+_FLOAT_FIELDS = ("val_miou", "test_miou", "untrained_miou")
+_FLOAT_DICT_FIELDS = ("val_iou", "test_iou", "chance_iou")
+_REQUIRED_SINCE_FORMAT_2 = ("test_iou", "test_miou")
+
+
 @dataclass
 class TeacherRecord:
-    """What the zoo knows about one trained teacher (the content of teacher.json)."""
+    """What the zoo knows about one trained teacher (the content of teacher.json).
+
+    ``val_iou``/``val_miou``: per class / mean IoU on the val split (selection, normalisation);
+    ``test_iou``/``test_miou``: the same on the test split (NaN when the task has no test crops);
+    ``untrained_miou``: val mIoU before training; ``chance_iou``: val IoU of "every pixel is this class".
+    """
 
     name: str
     task: str
@@ -78,6 +93,8 @@ class TeacherRecord:
     taps: list[str]
     val_iou: dict[str, float]
     val_miou: float
+    test_iou: dict[str, float]
+    test_miou: float
     untrained_miou: float
     chance_iou: dict[str, float]
     data_hash: str
@@ -114,22 +131,25 @@ def train_teacher(task: str, data_root: Path, cfg: ZooConfig, out_dir: Path) -> 
 
     train_ds = ShardDataset(data_root, "train", [task], limit=cfg.train.max_train_samples, seed=cfg.train.seed)
     val_ds = ShardDataset(data_root, "val", [task])
+    test_ds = ShardDataset(data_root, "test", [task])  # may be empty (tiny data): test IoU is then NaN
     for split, ds in (("train", train_ds), ("val", val_ds)):
         if len(ds) == 0:
             raise DataError(f"{data_root}: task {task} has no {split} crops (generate or prepare more images, "
                             f"or a larger val_fraction)")
     train_dl = make_loader(train_ds, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
     val_dl = make_loader(val_ds, 256, shuffle=False)
+    test_dl = make_loader(test_ds, 256, shuffle=False)
 
     spec = {**cfg.model, "num_classes": 3}
     model = build_model(spec).to(device)
     taps = tap_names(model, cfg.taps)
 
-    def evaluate() -> IoUMeter:
+    def evaluate(loader: torch.utils.data.DataLoader | None = None) -> IoUMeter:
+        """IoU of the current model on ``loader`` (default: val); an empty loader gives NaN IoUs."""
         model.eval()
         meter = IoUMeter(3)
         with torch.no_grad():
-            for batch in val_dl:
+            for batch in (val_dl if loader is None else loader):
                 meter.update(model(batch["image"].to(device)), batch["mask"].to(device))
         return meter
 
@@ -158,18 +178,47 @@ def train_teacher(task: str, data_root: Path, cfg: ZooConfig, out_dir: Path) -> 
         history.append({"epoch": epoch, "loss/train": total / max(n, 1), "iou/val/mean": meter.mean()})
 
     meter = evaluate()
+    test_meter = evaluate(test_dl)  # measured once, never used to choose anything
     classes = list(TASKS[task])
     chance = prevalence_iou(torch.cat([b["mask"] for b in val_dl]))
     rec = TeacherRecord(
         name=task, task=task, classes=classes, model=spec, taps=taps,
         val_iou={c: v for c, v in zip(classes, meter.per_class())}, val_miou=meter.mean(),
+        test_iou={c: v for c, v in zip(classes, test_meter.per_class())}, test_miou=test_meter.mean(),
         untrained_miou=untrained, chance_iou={c: v for c, v in zip(classes, chance)},
         data_hash=_data_hash(data_root), history=history, train_seconds=time.perf_counter() - t0,
     )
     with atomic_dir(out_dir / task) as tmp:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / rec.weights)
-        write_json_atomic(tmp / "teacher.json", asdict(rec))
+        write_json_atomic(tmp / "teacher.json", _nan_to_none(asdict(rec)))  # strict JSON: NaN → null
     return rec
+
+
+def _nan_to_none(v: Any) -> Any:
+    """NaN/inf floats → None, recursively (``json.dump`` would write the non-JSON token ``NaN``)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _nan_to_none(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_nan_to_none(x) for x in v]
+    return v
+
+
+def _from_json(raw: dict[str, Any]) -> dict[str, Any]:
+    """Undo :func:`_nan_to_none` on a record: ``null`` IoUs are NaN again (a file of an older
+    mike_ray may hold the token ``NaN``, which ``json.loads`` reads as NaN already)."""
+    out = dict(raw)
+    for name in _FLOAT_FIELDS:
+        if name in out and out[name] is None:
+            out[name] = math.nan
+    for name in _FLOAT_DICT_FIELDS:
+        if isinstance(out.get(name), dict):
+            out[name] = {k: math.nan if v is None else v for k, v in out[name].items()}
+    if isinstance(out.get("history"), list):
+        out["history"] = [{k: math.nan if v is None else v for k, v in h.items()} if isinstance(h, dict) else h
+                          for h in out["history"]]
+    return out
 
 
 def read_teacher(teacher_dir: Path) -> TeacherRecord:
@@ -179,8 +228,19 @@ def read_teacher(teacher_dir: Path) -> TeacherRecord:
         raise DataError(f"{path}: teacher manifest not found")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-        rec = TeacherRecord(**raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as err:
+        raise DataError(f"{path}: malformed teacher manifest: {one_line(str(err))[:200]}") from None
+    if isinstance(raw, dict) and "val_iou" in raw:
+        # a teacher of an older zoo format (its zoo key differs, so a build never re-uses it): say so
+        missing = [f for f in _REQUIRED_SINCE_FORMAT_2 if f not in raw]
+        if missing:
+            raise DataError(f"{path}: {', '.join(missing)}: missing (a teacher of an older zoo format, without "
+                            f"test IoU: rebuild the zoo)")
+    try:
+        if not isinstance(raw, dict):
+            raise TypeError(f"expected a JSON object, got {type(raw).__name__}")
+        rec = TeacherRecord(**_from_json(raw))
+    except (TypeError, ValueError) as err:
         raise DataError(f"{path}: malformed teacher manifest: {one_line(str(err))[:200]}") from None
     # fields used to find and rebuild the teacher: typed, and the weights file stays inside the folder
     for name, typ in (("name", str), ("task", str), ("model", dict), ("taps", list), ("weights", str)):
@@ -237,7 +297,8 @@ def build_zoo(cfg: ZooConfig, data_root: Path, out_root: Path, tracking: Trackin
     records = [read_teacher(zoo_dir / t) for t in cfg.tasks]
     write_json_atomic(zoo_dir / "zoo.json", {
         "format": ZOO_FORMAT, "config": cfg.model_dump(), "data_root": str(data_root),
-        "teachers": {r.name: {"task": r.task, "val_miou": r.val_miou, "path": r.name} for r in records},
+        "teachers": {r.name: {"task": r.task, "val_miou": _nan_to_none(r.val_miou),
+                              "test_miou": _nan_to_none(r.test_miou), "path": r.name} for r in records},
     })
     return zoo_dir
 
@@ -262,7 +323,9 @@ def _log_teacher(tracking: Tracking, rec: TeacherRecord, parent_run_id: str | No
         run.params({"task": rec.task, "model": rec.model, "taps": ",".join(rec.taps), "data_hash": rec.data_hash})
         for h in rec.history:
             run.metrics({k: v for k, v in h.items() if k != "epoch"}, step=int(h["epoch"]))
-        final = {f"iou/val/{c.replace(' ', '_')}": v for c, v in rec.val_iou.items() if not math.isnan(v)}
-        final.update({"iou/val/mean": rec.val_miou, "iou/untrained/mean": rec.untrained_miou,
-                      "time/train_seconds": rec.train_seconds})
-        run.metrics(final)
+        final = {f"iou/{split}/{c.replace(' ', '_')}": v
+                 for split, ious in (("val", rec.val_iou), ("test", rec.test_iou)) for c, v in ious.items()}
+        final.update({"iou/val/mean": rec.val_miou, "iou/test/mean": rec.test_miou,
+                      "iou/untrained/mean": rec.untrained_miou, "time/train_seconds": rec.train_seconds})
+        # a missing IoU (no test rows, a class absent from a split) is left out rather than logged as NaN
+        run.metrics({k: v for k, v in final.items() if not math.isnan(v)})

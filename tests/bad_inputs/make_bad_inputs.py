@@ -141,7 +141,7 @@ CATALOGUE: list[Entry] = [
           "column 'class_name': row 3 has 'bus', not a class of task DCH", "a bus in the dog/cat/horse task",
           generated=True),
     Entry("shards", "split_unknown.parquet", "shard", "read_shard", "DataError",
-          "column 'split': row 0 has 'test'", "a row of split 'test'", generated=True),
+          "column 'split': row 0 has 'holdout'", "a row of split 'holdout'", generated=True),
     Entry("shards", "DCH.parquet", "shard", "read_shard", "DataError",
           "column 'task_id': row 0 has 9, the file of task DCH holds task id 5",
           "a file named after task DCH holding CTB rows", generated=True),
@@ -157,7 +157,7 @@ CATALOGUE: list[Entry] = [
     Entry("manifests", "unknown_field.manifest.json", "manifest", "read_manifest", "DataError",
           "content_hashes: unknown key (did you mean 'content_hash'?)", "a misspelt extra key"),
     Entry("manifests", "format_version_unknown.manifest.json", "manifest", "read_manifest", "DataError",
-          "format_version: 99, this mike_ray reads 1", "a future format version"),
+          "format_version: 99, this mike_ray reads 2", "a future format version"),
     Entry("manifests", "config_invalid.manifest.json", "manifest", "read_manifest", "DataError",
           "config: image_size: Input should be greater than or equal to 8", "`config.image_size: 3`"),
     Entry("manifests", "config_key_mismatch.manifest.json", "manifest", "read_manifest", "DataError",
@@ -308,7 +308,7 @@ def _shards(out: Path) -> None:
     write("task_id_out_of_range.parquet", replace("task_id", [5, 42] + [5] * (n - 2)))
     write("task_disagrees_with_id.parquet", replace("task", ["CTB"] + ["DCH"] * (n - 1)))
     write("class_not_in_task.parquet", replace("class_name", ["dog", "cat", "horse", "bus"]))
-    write("split_unknown.parquet", replace("split", ["test"] * n))
+    write("split_unknown.parquet", replace("split", ["holdout"] * n))
     ctb = replace("task_id", [9] * n, table=replace("task", ["CTB"] * n))
     ctb = replace("class_name", ["car", "truck", "bus", "car"], table=ctb)
     write("DCH.parquet", ctb)  # a valid CTB shard under the DCH name
@@ -361,6 +361,7 @@ def _manifests(out: Path, scratch: Path) -> None:
 def _teacher_record() -> dict:
     return {"name": "DCH", "task": "DCH", "classes": ["dog", "cat", "horse"], "model": TEACHER_MODEL,
             "taps": ["blocks.0"], "val_iou": {"dog": 0.5, "cat": 0.4, "horse": 0.3}, "val_miou": 0.4,
+            "test_iou": {"dog": 0.5, "cat": 0.4, "horse": 0.3}, "test_miou": 0.4,
             "untrained_miou": 0.1, "chance_iou": {"dog": 0.1, "cat": 0.1, "horse": 0.1}, "data_hash": "0" * 64}
 
 
