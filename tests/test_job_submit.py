@@ -68,7 +68,7 @@ def test_ray_job_submit_runs_a_smoke_sweep_on_a_local_head(tmp_path: Path) -> No
 
         submit = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
                   "python", "-m", "mike_ray.sweep", "sweeps/teacher_subsets.yaml", "--profile", "smoke",
-                  "--set", f"output={out}", "--set", "study.trials=1", "--set", "study.baselines=false",
+                  "--set", f"output={out}", "--set", "study.trials=1", "--set", "study.baselines=false", "--set", "study.control=false",
                   "--set", "search.teacher_subset=[eleven]"]
         deadline = time.time() + 120
         while True:

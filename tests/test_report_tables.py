@@ -39,3 +39,44 @@ def test_mike_summary_groups_by_configuration_without_the_seed() -> None:
     rows = summarize([rec("a", 0, 0.4), rec("b", 1, 0.6), rec("c", 2, math.nan)])
     assert len(rows) == 1 and rows[0]["n"] == 3
     assert math.isclose(rows[0]["mean"], 0.5) and math.isclose(rows[0]["std"], 0.02 ** 0.5)  # NaN ignored
+
+
+def _mike_rec(trial, method, seed, val, test, subset="three", embed=2, per_task=None):
+    params = {"embed_channels": embed, **({"schedule": "uniform"} if method == "mike" else {})}
+    down = {t: {"norm_iou": val, "test_norm_iou": v} for t, v in (per_task or {"DCH": test}).items()}
+    return {"trial_id": trial, "method": method, "subset": subset if method != "control" else "-", "seed": seed,
+            "score": val, "test_score": test, "test_tasks": sum(v == v for v in (per_task or {"DCH": test}).values()),
+            "params": params, "downstream": down}
+
+
+def test_the_table_reports_test_means_and_pairs_matched_baselines_and_the_control() -> None:
+    from mike_ray.report.tables import best_per_subset, trial_table, verdict
+
+    recs = [_mike_rec("m0", "mike", 0, 0.6, 0.50), _mike_rec("m1", "mike", 1, 0.7, 0.60),
+            _mike_rec("p0", "pixel", 0, 0.5, 0.30), _mike_rec("p1", "pixel", 1, 0.5, 0.32),
+            # a pixel baseline of another embedding size must not be paired with the 2-channel MIKE
+            _mike_rec("q0", "pixel", 0, 0.9, 0.90, embed=4), _mike_rec("q1", "pixel", 1, 0.9, 0.90, embed=4),
+            _mike_rec("c0", "control", 0, 0.1, 0.10), _mike_rec("c1", "control", 1, 0.1, 0.12)]
+    rows = summarize(recs)
+    mike = next(r for r in rows if r["method"] == "mike")
+    assert math.isclose(mike["test_mean"], 0.55) and math.isclose(mike["test_std"], 0.005 ** 0.5)
+    assert best_per_subset(recs)["three"]["baseline"]["model"] == {"embed_channels": 2}
+    line = verdict(rows)
+    # 0.55 − 0.31 = 0.24 > 0.0707 + 0.0141: beyond the spread; both far above the control
+    assert "MIKE 0.550 ± 0.071 beats the pixel baseline 0.310 ± 0.014" in line
+    assert "MIKE beats it, pixel beats it" in line and "2 seeds" in line
+    table = trial_table(recs)
+    assert table.splitlines()[-1].strip() == line and "control" in table
+
+
+def test_the_verdict_says_within_the_spread_and_the_table_shows_missing_tasks() -> None:
+    from mike_ray.report.tables import trial_table, verdict
+
+    recs = [_mike_rec("m0", "mike", 0, 0.6, 0.40, per_task={"DCH": 0.4, "PHB": math.nan}),
+            _mike_rec("m1", "mike", 1, 0.6, 0.60, per_task={"DCH": 0.6, "PHB": math.nan}),
+            _mike_rec("p0", "pixel", 0, 0.5, 0.50), _mike_rec("p1", "pixel", 1, 0.5, 0.52)]
+    line = verdict(summarize(recs))
+    assert "is within the seed spread of the pixel baseline" in line and "no control row" in line
+    table = trial_table(recs)
+    mike_line = next(ln for ln in table.splitlines() if ln.strip().startswith("mike"))
+    assert " 1/2 " in mike_line and "—" in mike_line  # PHB has no test score: shown, and counted

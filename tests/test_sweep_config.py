@@ -9,6 +9,7 @@ Each bad file is checked in-process twice (``load_sweep`` raises :class:`ConfigE
 """
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -162,7 +163,9 @@ def test_valid_sweep_dry_run_subprocess(tmp_path_factory):
     proc = run_cli(str(path), "--dry-run")
     assert proc.returncode == 0, proc.stderr
     cfg = load_sweep(path)
-    assert f"plan: {cfg.study.trials} Optuna trial(s)" in proc.stdout
+    head = (f"plan: {cfg.study.trials} Optuna trial(s)" if cfg.study.algorithm == "optuna" else
+            f"plan: grid of {math.prod(len(v) for _, v in cfg.search if v is not None)} configuration(s)")
+    assert head in proc.stdout, proc.stdout
     assert f'"name": "{cfg.name}"' in proc.stdout  # the resolved config is printed too
 
 

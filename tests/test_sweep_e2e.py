@@ -105,11 +105,16 @@ def test_mlflow_holds_the_parent_run_and_its_trials(smoke) -> None:
     trials = [r for r in children if r.data.tags.get("mike_ray.stage") == "trial"]
     teachers = [r for r in children if r.data.tags.get("mike_ray.stage") == "teacher"]
     assert len(teachers) == 3 and all("iou/val/mean" in r.data.metrics for r in teachers)
-    assert sorted(r.data.tags["mike_ray.method"] for r in trials) == ["mike", "pixel"]
+    assert sorted(r.data.tags["mike_ray.method"] for r in trials) == ["control", "mike", "pixel"]
     for run in trials:
         assert run.info.status == "FINISHED"
+        assert {"score/mean_norm_iou", "score/test/mean_norm_iou", "norm_iou/val/DCH", "norm_iou/test/DCH"} <= \
+            set(run.data.metrics)
+        if run.data.tags["mike_ray.method"] == "control":  # no transfer: downstream on the untrained encoder
+            assert run.data.params["teacher_subset"] == "-" and "loss/train/total" not in run.data.metrics
+            continue
         assert run.data.params["teacher_subset"] == "three" and "transfer/lr" in run.data.params
-        assert {"score/mean_norm_iou", "loss/train/total", "loss/val/pixel_mse", "norm_iou/DCH"} <= set(run.data.metrics)
+        assert {"loss/train/total", "loss/val/pixel_mse"} <= set(run.data.metrics)
         history = client.get_metric_history(run.info.run_id, "loss/train/total")
         assert len(history) == cfg.transfer.epochs
         arts = _artifacts(client, run.info.run_id)
@@ -118,6 +123,13 @@ def test_mlflow_holds_the_parent_run_and_its_trials(smoke) -> None:
         if run.data.tags["mike_ray.method"] == "mike":
             assert "plots/layerwise_loss.png" in arts
             assert "loss/teacher/DCH/stem" in run.data.metrics  # metric names are paths
+            # every teacher of the subset is validated every epoch, and none is a constant 0.0
+            for teacher in ("DCH", "CTB", "PHB"):
+                keys = [k for k in run.data.metrics if k.startswith(f"loss/val/teacher/{teacher}/")]
+                assert keys, f"{teacher} was never validated"
+                for k in keys:
+                    values = [m.value for m in client.get_metric_history(run.info.run_id, k)]
+                    assert len(values) == cfg.transfer.epochs and any(v != 0.0 for v in values), (k, values)
     # the summary printed at the end names the store and the UI command
     report = summary.report()
     assert summary.tracking.uri in report and "mlflow ui" in report and "three" in report
@@ -139,7 +151,7 @@ def test_the_trial_survives_a_killed_trainer_worker_and_a_killed_shard_and_loses
     # every epoch once, and the final metrics are there
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss/train/total")]
     assert steps == list(range(cfg.transfer.epochs))
-    assert {"score/mean_norm_iou", "norm_iou/DCH", "shard/retries_total"} <= set(run.data.metrics)
+    assert {"score/mean_norm_iou", "norm_iou/val/DCH", "shard/retries_total"} <= set(run.data.metrics)
     assert run.data.metrics["shard/retries_total"] >= 1  # the step that hit the dead shard was sent again
     # lost: at most the epoch in flight at the worker kill — the epochs checkpointed before it are the
     # stored ones (their measured times included), not re-runs

@@ -76,9 +76,7 @@ def trial_plan(cfg: SweepConfig) -> str:
     s = cfg.study
     dims = {k: v for k, v in cfg.search.model_dump().items() if v is not None}
     if s.algorithm == "grid":
-        import math as _m
-
-        n = _m.prod(len(v) for _, v in cfg.search if v is not None)
+        n = math.prod(len(v) for _, v in cfg.search if v is not None)
         head = f"plan: grid of {n} configuration(s) × {s.repeats} seed(s)"
     else:
         head = f"plan: {s.trials} Optuna trial(s) × {s.repeats} seed(s)"
