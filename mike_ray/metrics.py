@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
+
+SegLoss = Literal["bce", "bce_dice"]
 
 
 class IoUMeter:
@@ -42,3 +46,26 @@ def prevalence_iou(mask: torch.Tensor) -> list[float]:
     gt = mask > 0.5
     total = gt[:, 0].numel()
     return [float(gt[:, k].sum()) / total for k in range(mask.shape[1])]
+
+
+def soft_dice_loss(logits: torch.Tensor, mask: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """1 − mean over channels of (2·Σ p·g + s) / (Σ p + Σ g + s), sums over the batch and pixels.
+
+    logits, mask: B×K×H×W; p = sigmoid(logits). Summing over the whole batch (not per image) keeps
+    an image without the class from dominating; ``smooth`` keeps empty channels at loss 0.
+    """
+    p = torch.sigmoid(logits)
+    dims = (0, 2, 3)
+    inter = (p * mask).sum(dims)
+    dice = (2 * inter + smooth) / (p.sum(dims) + mask.sum(dims) + smooth)
+    return 1 - dice.mean()
+
+
+def segmentation_loss(logits: torch.Tensor, mask: torch.Tensor, kind: SegLoss = "bce") -> torch.Tensor:
+    """Mask loss for B×K×H×W logits against a {0,1} mask: per-pixel BCE, plus soft Dice for ``bce_dice``.
+
+    Why Dice: foreground is a small share of the pixels, and with BCE alone a short run on a weak
+    embedding settles on "all background" (IoU 0), which hides the difference between encoders.
+    """
+    bce = F.binary_cross_entropy_with_logits(logits, mask)
+    return bce if kind == "bce" else bce + soft_dice_loss(logits, mask)

@@ -23,10 +23,12 @@ def sweeps(ray_local, tmp_path_factory):
         path = ROOT / "sweeps" / f"{name}.yaml"
         cfg = load_sweep(path, [f"output={out}"], profile="smoke")
         done[name] = (cfg, run_sweep(cfg, path))
-    # fault: the heads sweep again, one of its two trials at an lr that makes the student diverge
+    # fault: the heads sweep again, one of its two trials at an lr that makes the student diverge.
+    # Batch 8: several steps per epoch on the smoke train split, so the huge step is followed by a
+    # forward pass that sees it (with a single step per epoch nothing can diverge)
     path = ROOT / "sweeps" / "mhgd_heads.yaml"
-    cfg = load_sweep(path, [f"output={out}", "name=mhgd_nan", "search.num_heads=[2]", "search.lr=[0.05, 1.0e12]"],
-                     profile="smoke")
+    cfg = load_sweep(path, [f"output={out}", "name=mhgd_nan", "search.num_heads=[2]", "search.lr=[0.05, 1.0e12]",
+                            "mhgd.batch_size=8"], profile="smoke")
     done["nan"] = (cfg, run_sweep(cfg, path))
     return done
 

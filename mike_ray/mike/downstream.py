@@ -19,7 +19,7 @@ from pydantic import Field, field_validator
 
 from mike_ray.config_base import StrictModel
 from mike_ray.data.tasks import TASK_CODES, TASKS
-from mike_ray.metrics import IoUMeter
+from mike_ray.metrics import IoUMeter, SegLoss, segmentation_loss
 from mike_ray.utils import limit_threads, resolve_device, seed_everything
 
 
@@ -31,6 +31,8 @@ class DownstreamConfig(StrictModel):
     batch_size: int = Field(64, gt=0)
     lr: float = Field(3e-3, gt=0)
     reinit_decoder: bool = False
+    # bce_dice: BCE + soft Dice (see metrics.segmentation_loss); bce: what the teachers train with
+    loss: SegLoss = "bce_dice"
     max_train_samples: int | None = Field(None, gt=0)
     cpus_per_task: float = Field(1.0, gt=0)
     gpus_per_task: float = Field(0.0, ge=0)
@@ -48,7 +50,7 @@ class DownstreamConfig(StrictModel):
 
 
 def _embed(encoder: torch.nn.Module, loader, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen encoder → (z: N×C×8×8, mask: N×3×64×64), computed once (the encoder never changes)."""
+    """Frozen encoder → (z: N×C×h×w, mask: N×3×H×W), computed once (the encoder never changes)."""
     zs, ms = [], []
     with torch.no_grad():
         for batch in loader:
@@ -90,7 +92,6 @@ def train_downstream(task: str, model_spec: Mapping[str, Any], state: Mapping[st
     # the decoder now outputs mask logits instead of an RGB image (same topology, paper §4.2)
     params = [p for p in ae.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
     n = len(z_train)
     for _ in range(cfg.epochs):
         ae.decoder.train()
@@ -98,7 +99,7 @@ def train_downstream(task: str, model_spec: Mapping[str, Any], state: Mapping[st
         for i in range(0, n, cfg.batch_size):
             idx = perm[i:i + cfg.batch_size]
             logits = ae.decode(z_train[idx].to(device))
-            loss = loss_fn(logits, m_train[idx].to(device))
+            loss = segmentation_loss(logits, m_train[idx].to(device), cfg.loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
