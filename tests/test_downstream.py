@@ -53,3 +53,18 @@ def test_train_downstream_scores_both_held_out_splits(tiny_prepared) -> None:
     # same seed, same data → the same decoder and the same scores
     again = train_downstream(TINY_TASKS[0], TINY_AE, ae.state_dict(), tiny_prepared, cfg)
     assert again["iou"] == res["iou"] or (math.isnan(again["iou"]) and math.isnan(res["iou"]))
+
+
+def test_a_teacher_not_above_chance_does_not_normalise_its_task() -> None:
+    from mike_ray.teachers.zoo import TeacherRecord
+
+    def rec(val: float, test: float) -> TeacherRecord:
+        return TeacherRecord(name="CTB", task="CTB", classes=["car", "truck", "bus"], model={}, taps=[],
+                             val_iou={}, val_miou=val, test_iou={}, test_miou=test, untrained_miou=0.04,
+                             chance_iou={"car": 0.1, "truck": 0.2, "bus": math.nan}, data_hash="x")
+
+    assert rec(0.30, 0.25).chance_miou == pytest.approx(0.15)
+    assert rec(0.30, 0.25).reference_iou() == {"val": 0.30, "test": 0.25}
+    below = rec(0.05, 0.30).reference_iou()   # the demo's CTB teacher once scored 0.034 val, chance 0.118
+    assert math.isnan(below["val"]) and below["test"] == 0.30
+    assert all(math.isnan(v) for v in rec(0.15, math.nan).reference_iou().values())  # equal to chance: not above

@@ -48,8 +48,10 @@ class SweepSummary:
         elif self.teachers:
             lines.append("  teachers (val mIoU | test mIoU | untrained | chance):")
             for name, t in self.teachers.items():
+                weak = any(not m > t["chance_miou"] for m in (t["val_miou"], t["test_miou"]))
                 lines.append(f"    {name:4s} {t['val_miou']:.3f} | {t['test_miou']:.3f} | {t['untrained_miou']:.3f} "
-                             f"| {t['chance_miou']:.3f}")
+                             f"| {t['chance_miou']:.3f}" + ("   not above chance: its task is not normalised (—)"
+                                                             if weak else ""))
         if self.trials and self.family == "mike":
             from mike_ray.report.tables import trial_table
 
@@ -160,9 +162,8 @@ def _teacher_table(zoo_dir: Path) -> dict[str, dict[str, float]]:
 
     table = {}
     for name, rec in read_zoo(zoo_dir).items():
-        chance = [v for v in rec.chance_iou.values() if not math.isnan(v)]
         table[name] = {"val_miou": rec.val_miou, "test_miou": rec.test_miou, "untrained_miou": rec.untrained_miou,
-                       "chance_miou": sum(chance) / len(chance) if chance else math.nan}
+                       "chance_miou": rec.chance_miou}
     return table
 
 

@@ -167,7 +167,7 @@ def trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
 
         # --- downstream: freeze the encoder, retrain the decoder per task; score val and test -----
         dcfg = DownstreamConfig.model_validate({**cfg.downstream.model_dump(), "seed": tcfg.seed})
-        teacher_iou = {rec.task: {"val": rec.val_miou, "test": rec.test_miou} for rec in zoo.values()}
+        teacher_iou = {rec.task: rec.reference_iou() for rec in zoo.values()}
         down = evaluate_downstream(tcfg.model, state, ctx["data_root"], dcfg, teacher_iou)
         (score, n_val), (test_score, n_test) = norm_iou_mean(down, "val"), norm_iou_mean(down, "test")
         record = {**base, "status": "finished", "score": score, "score_tasks": n_val,

@@ -102,6 +102,23 @@ class TeacherRecord:
     train_seconds: float = 0.0
     weights: str = "weights.pt"
 
+    @property
+    def chance_miou(self) -> float:
+        """Mean over classes of ``chance_iou`` (NaN when unknown)."""
+        vals = [v for v in self.chance_iou.values() if not math.isnan(v)]
+        return sum(vals) / len(vals) if vals else math.nan
+
+    def reference_iou(self) -> dict[str, float]:
+        """The mIoU that normalises this task's downstream IoU, per split ("val", "test").
+
+        NaN where the teacher does not beat the trivial "every pixel is this class" predictor (its
+        mean ``chance_iou``): a ratio to a teacher that learnt nothing measures nothing, so such a
+        task is shown as "—" and left out of the means (the raw IoU is still logged).
+        """
+        floor = self.chance_miou
+        return {split: (m if not math.isnan(m) and (math.isnan(floor) or m > floor) else math.nan)
+                for split, m in (("val", self.val_miou), ("test", self.test_miou))}
+
 
 def zoo_key(cfg: ZooConfig, data_hash: str) -> str:
     """Key of a zoo: its config (minus placement, which does not change the weights) + data hash."""
