@@ -131,3 +131,21 @@ def _descends_from(pid: int, root: int) -> bool:
         if pid == root:
             return True
     return False
+
+
+# --- what a finished MIKE trial logs -----------------------------------------------------------------
+def check_score_metrics(metrics: dict[str, float], zoo_dir: Path, tasks: list[str]) -> None:
+    """A trial's final scores as its zoo implies them: raw IoU where the split has rows; a normalised IoU
+    exactly where the task's teacher is above chance on that split (``TeacherRecord.reference_iou``;
+    smoke teachers trained for one epoch often are not), and the mean whenever one task has it."""
+    import math
+
+    from mike_ray.teachers.zoo import read_zoo
+
+    ref = {r.task: r.reference_iou() for r in read_zoo(zoo_dir).values()}
+    assert "score/mean_iou" in metrics and any(f"iou/val/{t}" in metrics for t in tasks), sorted(metrics)
+    for split, mean in (("val", "score/mean_norm_iou"), ("test", "score/test/mean_norm_iou")):
+        have = {t for t in tasks if f"norm_iou/{split}/{t}" in metrics}
+        want = {t for t in tasks if not math.isnan(ref[t][split]) and f"iou/{split}/{t}" in metrics}
+        assert have == want, (split, have, want)
+        assert (mean in metrics) == bool(want), (mean, want)

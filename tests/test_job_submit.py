@@ -19,6 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import check_score_metrics
+from mike_ray.config import load_sweep
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
@@ -93,4 +96,6 @@ def test_ray_job_submit_runs_a_smoke_sweep_on_a_local_head(tmp_path: Path) -> No
     runs = client.search_runs([exp], "tags.`mike_ray.stage` = 'trial'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.params["teacher_subset"] == "eleven" and len(runs[0].data.params["teachers"].split(",")) == 11
-    assert "score/mean_norm_iou" in runs[0].data.metrics
+    (zoo_dir,) = (out / "zoo").iterdir()
+    check_score_metrics(runs[0].data.metrics, zoo_dir, load_sweep(ROOT / "sweeps" / "teacher_subsets.yaml",
+                                                                  profile="smoke").downstream.tasks)
