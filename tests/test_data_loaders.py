@@ -90,3 +90,39 @@ def test_ray_dataset_gives_the_same_samples(prepared: Path, ray_session) -> None
                  for t, i, m in zip(tid, img, msk))
     want = sorted((t, i.tobytes(), m.tobytes()) for t, i, m in zip(ds.task_ids, ds.images, ds.masks))
     assert len(got) == len(ds) > 0 and got == want
+
+
+@pytest.mark.parametrize("limit", [None, 7])
+def test_memory_mapped_query_set_gives_the_same_batches(prepared: Path, limit) -> None:
+    """``memory="mmap"`` reads a decoded cache of each shard: every batch equals the in-RAM one."""
+    tasks = ["PHB", "DCH", "CTB"]
+    ram = ShardDataset(prepared, "train", tasks, limit=limit, seed=4)
+    mm = ShardDataset(prepared, "train", tasks, limit=limit, seed=4, memory="mmap")
+    assert len(mm) == len(ram) > 0 and np.array_equal(mm.task_ids, ram.task_ids)
+    assert np.array_equal(mm.image_ids, ram.image_ids)
+    rows = np.random.default_rng(0).permutation(len(ram))  # rows of all tasks, unsorted
+    for i in range(0, len(rows), 5):
+        a, b = ram.__getitems__(rows[i:i + 5]), mm.__getitems__(rows[i:i + 5])
+        assert all(torch.equal(a[k], b[k]) for k in ("image", "mask", "task_id"))
+    cache = prepared / "cache" / "train" / "DCH"
+    assert sorted(p.name for p in cache.iterdir()) == ["image_ids.npy", "images.npy", "masks.npy", "task_ids.npy"]
+    assert not [p for p in cache.parent.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    assert count_rows(prepared, "train", tasks) == len(ShardDataset(prepared, "train", tasks, memory="mmap"))
+
+
+def test_a_damaged_query_cache_is_a_one_line_error(prepared: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from mike_ray.errors import DataError
+
+    copy = tmp_path / "prep"
+    shutil.copytree(prepared, copy)
+    shutil.rmtree(copy / "cache", ignore_errors=True)
+    ShardDataset(copy, "val", ["PHB"], memory="mmap")
+    bad = copy / "cache" / "val" / "PHB" / "images.npy"
+    bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])  # truncated
+    with pytest.raises(DataError) as err:
+        ShardDataset(copy, "val", ["PHB"], memory="mmap")
+    assert str(err.value).startswith(f"{bad}:") and "delete" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="memory: 'disk' is not one of ram, mmap"):
+        ShardDataset(copy, "val", ["PHB"], memory="disk")

@@ -190,6 +190,30 @@ def test_a_step_on_gathered_rows_equals_the_full_batch_step(tiny_zoo, masking) -
         assert res.counts == {"DCH": 10, "CTB": 10, "PHB": 10}
 
 
+def test_a_teacher_stops_at_its_deepest_weighted_tap_exactly(tiny_zoo) -> None:
+    """Layerwise progressive early on puts each teacher's weight on its first taps: the shard's
+    forwards stop there (the last block never runs), and loss and ∂/∂x̄ equal the full forward's."""
+    group = ShardGroup(teacher_refs(tiny_zoo, TINY_TASKS), PlacementConfig(mode="local", device="cpu"),
+                       dtype=torch.float64)
+    x, xbar, task_ids = _mixed_batch()
+    schedule = make_schedule(ScheduleConfig(name="layerwise_progressive"), group.taps())
+    weights = schedule.weights(0.0).teachers  # phase 0: the first tap of each teacher
+    runs = {"n": 0}
+    for _, tapped in (t for shard in group.shards for t in shard.teachers.values()):
+        last = tapped.model.get_submodule(tapped.paths[-1])
+        leaf = next(m for m in last.modules() if isinstance(m, torch.nn.Conv2d))
+        leaf.register_forward_hook(lambda m, a, y: runs.__setitem__("n", runs["n"] + 1))
+    assert all(sum(1 for v in w.values() if v) == 1 and w[next(iter(w))] > 0 for w in weights.values())
+    want_loss, want_grad = _xbar_grad(tiny_zoo, x, xbar, task_ids, weights)
+    res = group.step(x, xbar, task_ids, weights)
+    assert runs["n"] == 0  # no teacher ran its last block
+    assert abs(res.loss - want_loss) <= 1e-12 * max(1.0, abs(want_loss))
+    assert float((res.grad - want_grad).abs().max()) <= 1e-12 * float(want_grad.abs().max())
+    last_phase = schedule.weights(1.0).teachers  # the last tap: the whole teacher runs
+    group.step(x, xbar, task_ids, last_phase)
+    assert runs["n"] == 4  # DCH and CTB have rows (PHB none), each runs x and x̄
+
+
 def test_nan_and_inf_in_off_mask_rows_never_reach_the_gradient(tiny_zoo) -> None:
     group = ShardGroup(teacher_refs(tiny_zoo, TINY_TASKS), PlacementConfig(mode="local", device="cpu"),
                        dtype=torch.float64)

@@ -136,6 +136,57 @@ def test_fx_cuts_the_graph_after_the_last_tap():
         assert runs["n"] == 1  # the hooks fallback runs the whole model
 
 
+@pytest.mark.parametrize("method", ["fx", "hooks"])
+@pytest.mark.parametrize("arch", ["resnet18", "segmenter"])
+def test_early_exit_returns_the_same_taps_and_runs_nothing_after_them(method, arch):
+    """``upto`` stops the forward after that tap: values and gradients equal the full forward's,
+    and a leaf module after the cut never runs (residual adds and in-place ReLUs included)."""
+    if arch == "resnet18":
+        model = build_model({"arch": "resnet18", "seed": 0}).eval().double()
+        spec, after = ["layer1", "layer2.0.bn1", "layer2", "layer3"], "layer3.1"
+    else:
+        model = tiny_segmenter().eval().double()
+        spec, after = "blocks", None
+    taps = TappedModel(model, spec, method=method)
+    after = after or f"{taps.paths[-1]}"  # the segmenter's last block: after every cut below
+    runs = {"n": 0}
+    leaf = next(m for m in model.get_submodule(after).modules() if isinstance(m, nn.Conv2d))
+    leaf.register_forward_hook(lambda m, a, y: runs.__setitem__("n", runs["n"] + 1))
+    x = images(dtype=torch.float64)
+    full = taps(x)
+    assert runs["n"] == 1
+    for k in (0, 1, len(taps.paths) - 2):
+        runs["n"] = 0
+        xr = x.clone().requires_grad_(True)
+        cut = taps(xr, upto=taps.paths[k])
+        assert list(cut) == taps.paths[:k + 1]
+        assert runs["n"] == 0, f"{arch}/{method}: a module after '{taps.paths[k]}' ran"
+        for p in cut:
+            torch.testing.assert_close(cut[p], full[p], rtol=0, atol=0)
+        # the gradient of the deepest kept tap equals the full forward's
+        (g_cut,) = torch.autograd.grad(cut[taps.paths[k]].sum(), xr)
+        xf = x.clone().requires_grad_(True)
+        (g_full,) = torch.autograd.grad(taps(xf)[taps.paths[k]].sum(), xf)
+        torch.testing.assert_close(g_cut, g_full, rtol=1e-12, atol=1e-12)
+    assert list(taps(x, upto=taps.paths[-1])) == taps.paths
+    with pytest.raises(ModelError) as e:
+        taps(x, upto="nope")
+    assert_one_line(e, f"model '{taps.name}': upto='nope' is not one of its taps")
+
+
+def test_early_exit_graphs_follow_dtype_and_copies():
+    model = tiny_segmenter().eval()
+    taps = TappedModel(model, "blocks", method="fx")
+    x = images()
+    cut = taps(x, upto=taps.paths[1])
+    taps.double()
+    cut64 = taps(x.double(), upto=taps.paths[1])
+    assert all(v.dtype == torch.float64 for v in cut64.values())
+    torch.testing.assert_close(cut64[taps.paths[1]].float(), cut[taps.paths[1]], rtol=1e-5, atol=1e-5)
+    twin = copy.deepcopy(taps)
+    torch.testing.assert_close(twin(x.double(), upto=taps.paths[1])[taps.paths[1]], cut64[taps.paths[1]])
+
+
 def test_module_run_twice_is_rejected_by_both_methods():
     model = build_model({"arch": "resnet18"})
     with pytest.raises(ModelError) as e:

@@ -83,7 +83,7 @@ class ShardTeachers(TeacherSet):
             raise ModelError("teachers: at least one teacher is required")
         self.names = [t.name for t in teachers]
         self.placement = placement
-        self.groups = partition(list(teachers), placement.teachers_per_shard)
+        self.groups = partition(list(teachers), placement.teachers_per_shard, num_shards=placement.num_shards)
         self.retries = 0
         cfg_dict = cfg.model_dump(mode="json")
         if placement.mode == "local":

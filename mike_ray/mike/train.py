@@ -43,6 +43,9 @@ class TransferConfig(StrictModel):
     threads: int = Field(1, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     val_batches: int | None = Field(None, gt=0)  # cap on validation batches (None: all)
+    # how a trainer worker holds the query set: "mmap" maps a decoded cache (the workers of a node
+    # share it in the page cache; a COCO-sized query set is ~12 GB), "ram" loads it into the worker
+    query_memory: Literal["mmap", "ram"] = "mmap"
 
 
 class CheckpointState(BaseModel):
@@ -252,8 +255,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     # --- query data: mixed-task batches, a new seeded global order every epoch ----------------
     root, tasks = config["data_root"], list(config["query_tasks"])
-    train_q = QueryBatches(ShardDataset(root, "train", tasks), cfg.batch_size, cfg.seed, rank, world)
-    val_q = QueryBatches(ShardDataset(root, "val", tasks), cfg.batch_size, cfg.seed, rank, world)
+    train_q = QueryBatches(ShardDataset(root, "train", tasks, memory=cfg.query_memory), cfg.batch_size, cfg.seed,
+                           rank, world)
+    val_q = QueryBatches(ShardDataset(root, "val", tasks, memory=cfg.query_memory), cfg.batch_size, cfg.seed,
+                         rank, world)
     total_steps = cfg.epochs * len(train_q)
 
     # --- resume from the latest checkpoint, if any -------------------------------------------

@@ -15,7 +15,10 @@ Contract of a tap (identical for both implementations below):
 - the module must run exactly once per forward (a shared module such as resnet's ``layer1.0.relu``,
   applied twice, is ambiguous and rejected — tap its parent instead), and must return a tensor (a
   tuple/dict output is rejected: tap the submodule that makes the tensor you want);
-- later in-place operations of the model never alter a returned tap.
+- later in-place operations of the model never alter a returned tap;
+- ``forward(x, upto=path)`` stops after that tap (early exit) and returns the taps up to it, with
+  exactly the values a full forward gives them: a caller that needs only early taps (a layerwise
+  schedule's first phases) pays only for the layers up to them.
 
 Two implementations:
 
@@ -163,6 +166,10 @@ def _restore_modes(saved: list[tuple[nn.Module, bool]]) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # fx implementation
+
+
+class _StopForward(Exception):
+    """Raised by the last needed tap's hook to end a forward early (hooks implementation)."""
 
 
 class _FxUnsupported(Exception):
@@ -348,6 +355,7 @@ class TappedModel(nn.Module):
         # duplicate them in state_dict() and let .train() flip its graph behind our back.
         object.__setattr__(self, "_extractor", extractor)
         self._keys = keys
+        self._cuts: dict[tuple[bool, int], fx.GraphModule] = {}  # early-exit graphs, built on first use
 
     def __deepcopy__(self, memo: dict[int, Any]) -> TappedModel:
         # torchvision's DualGraphModule re-runs __init__ when copied, which puts every module it
@@ -356,7 +364,7 @@ class TappedModel(nn.Module):
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         for k, v in self.__dict__.items():
-            new.__dict__[k] = copy.deepcopy(v, memo)
+            new.__dict__[k] = {} if k == "_cuts" else copy.deepcopy(v, memo)
         for m, flag in zip(new.modules(), flags):
             m.training = flag
         return new
@@ -367,51 +375,92 @@ class TappedModel(nn.Module):
             # Shared parameters are already converted (idempotent); this catches tensors the
             # extractor holds on its own (buffers of get_attr nodes).
             self._extractor._apply(fn, recurse)
+        self._cuts = {}  # they hold the extractor's tensors as they were: rebuild on next use
         return self
 
-    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
-        """B×C×H×W input → ``OrderedDict`` path → activation tensor, in :attr:`paths` order."""
-        if self._extractor is not None:
-            return self._run_fx(x)
-        return self._run_hooks(x)
+    def forward(self, x: Tensor, upto: str | None = None) -> OrderedDict[str, Tensor]:
+        """B×C×H×W input → ``OrderedDict`` path → activation tensor, in :attr:`paths` order.
 
-    def _run_fx(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        ``upto``: a tap path; the forward stops after it (early exit) and returns only the taps up
+        to and including it — exactly the values a full forward gives them. With fx the graph is
+        cut after that tap (the layers after it do not run); with hooks the forward is stopped by
+        the tap's hook. None: every tap.
+        """
+        k = len(self.paths) - 1 if upto is None else self._tap_index(upto)
+        if self._extractor is not None:
+            return self._run_fx(x, k)
+        return self._run_hooks(x, k)
+
+    def _tap_index(self, path: str) -> int:
+        try:
+            return self.paths.index(path)
+        except ValueError:
+            raise ModelError(f"model '{self.name}': upto='{path}' is not one of its taps "
+                             f"({', '.join(self.paths)})") from None
+
+    def _cut(self, k: int) -> fx.GraphModule:
+        """The extractor's graph (current mode) returning the first ``k + 1`` taps only, with every
+        node they do not depend on removed; built once per (mode, k) from the traced graph (no
+        re-tracing), sharing the model's modules."""
+        key = (self.training, k)
+        gm = self._cuts.get(key)
+        if gm is None:
+            ex = self._extractor
+            src = ex.train_graph if self.training else ex.eval_graph
+            graph = fx.Graph()
+            env: dict[fx.Node, fx.Node] = {}
+            returned = graph.graph_copy(src, env)  # the copied output dict {key: node}
+            keys = self._keys[self.training]
+            graph.output({keys[p]: returned[keys[p]] for p in self.paths[:k + 1]})
+            gm = fx.GraphModule(ex, graph)
+            gm.graph.eliminate_dead_code()
+            gm.recompile()
+            self._cuts[key] = gm
+        return gm
+
+    def _run_fx(self, x: Tensor, k: int) -> OrderedDict[str, Tensor]:
         ex = self._extractor
         if ex.training != self.training:
             # Swap graphs without DualGraphModule.train(), which would recurse into the shared
             # modules and override their own train/eval flags.
             ex.graph = ex.train_graph if self.training else ex.eval_graph
             ex.training = self.training
-        out = ex(x)
+        out = ex(x) if k == len(self.paths) - 1 else self._cut(k)(x)
         keys = self._keys[self.training]
         result: OrderedDict[str, Tensor] = OrderedDict()
-        for p in self.paths:
+        for p in self.paths[:k + 1]:
             value = out[keys[p]]
             if not isinstance(value, Tensor):  # a leaf module that returns a tuple, e.g. nn.LSTM
                 raise ModelError(_non_tensor_message(self.name, p, value))
             result[p] = value
         return result
 
-    def _run_hooks(self, x: Tensor) -> OrderedDict[str, Tensor]:
+    def _run_hooks(self, x: Tensor, k: int) -> OrderedDict[str, Tensor]:
         store: dict[str, Any] = {}
         calls: Counter[str] = Counter()
+        paths = self.paths[:k + 1]
+        last = paths[-1]
 
         def make_hook(path: str):
             def hook(module: nn.Module, args: Any, output: Any) -> None:
                 calls[path] += 1
                 # clone: an in-place op later in the forward must not change what we return
                 store[path] = output.clone() if isinstance(output, Tensor) else output
+                if path == last and len(paths) < len(self.paths) and all(calls[p] for p in paths):
+                    raise _StopForward  # early exit: nothing after this tap is needed
             return hook
 
-        handles = [self.model.get_submodule(p).register_forward_hook(make_hook(p)) for p in self.paths]
+        handles = [self.model.get_submodule(p).register_forward_hook(make_hook(p)) for p in paths]
         try:
             self.model(x)
+        except _StopForward:
+            pass
         finally:
             for h in handles:
                 h.remove()
         mode = "train" if self.training else "eval"
         result: OrderedDict[str, Tensor] = OrderedDict()
-        for p in self.paths:
+        for p in paths:
             if calls[p] != 1:
                 raise ModelError(_count_message(self.name, p, calls[p], mode))
             if not isinstance(store[p], Tensor):

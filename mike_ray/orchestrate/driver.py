@@ -94,7 +94,33 @@ def trial_plan(cfg: SweepConfig) -> str:
         lines.append(f"  + {s.repeats * models} control(s): an untrained frozen encoder per seed and autoencoder setting")
     elif s.baselines and cfg.family == "mhgd" and "student" not in (cfg.search.method or [cfg.method]):
         lines.append(f"  + {s.repeats} student-alone baseline(s): one per seed")
+    if cfg.method == "mike" and cfg.resources.placement.teachers_per_shard == "auto":
+        lines += _shard_plan(cfg)
     return "\n".join(lines)
+
+
+def _shard_plan(cfg: SweepConfig) -> list[str]:
+    """``teachers_per_shard: auto``: each searched subset's shards, balanced by expected work (the
+    zoo's model FLOPs × its task's share; shares are taken as equal here — the trial balances on the
+    prepared data's actual counts and logs its plan as the ``shards`` parameter)."""
+    from mike_ray.data.tasks import TASKS
+    from mike_ray.teachers.shard import describe_plan, forward_flops, partition
+
+    p = cfg.resources.placement
+    lines = [f"  shards (teachers_per_shard: auto, num_shards {p.num_shards}; expected work = forward "
+             f"FLOPs × task share, shares assumed equal):"]
+    flops: dict[int, float] = {}
+    for name in cfg.search.teacher_subset or [next(iter(cfg.teacher_subsets))]:
+        teachers = cfg.subset(name)
+        work = []
+        for t in teachers:
+            k = len(TASKS[t])
+            if k not in flops:
+                flops[k] = forward_flops({**cfg.zoo.model, "num_classes": k})
+            work.append(flops[k] / len(teachers))
+        plan = describe_plan(partition(teachers, "auto", work, p.num_shards), work, teachers)
+        lines += [f"    {name}: " + plan.replace("\n", " | ")]
+    return lines
 
 
 def _find_parent_run(tracking: Tracking, name: str) -> str | None:

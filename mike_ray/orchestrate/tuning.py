@@ -77,8 +77,10 @@ def trial_settings(cfg: SweepConfig, params: dict[str, Any]) -> tuple[str, dict[
 
 
 def _shard_count(cfg: SweepConfig, n_teachers: int) -> int:
-    per = cfg.resources.placement.teachers_per_shard
-    return 1 if per == "all" else math.ceil(n_teachers / int(per))
+    from mike_ray.teachers.shard import shard_count
+
+    p = cfg.resources.placement
+    return shard_count(n_teachers, p.teachers_per_shard, p.num_shards)
 
 
 def _uses_shards(cfg: SweepConfig, methods: list[str]) -> bool:
@@ -109,7 +111,7 @@ def trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     from mike_ray.mike.downstream import DownstreamConfig, evaluate_downstream, norm_iou_mean
     from mike_ray.mike.train import TransferConfig
     from mike_ray.models import build_model
-    from mike_ray.orchestrate.transfer import run_transfer, teacher_refs
+    from mike_ray.orchestrate.transfer import query_shares, run_transfer, teacher_refs
     from mike_ray.teachers.shard import ShardGroup
     from mike_ray.teachers.zoo import read_zoo
     from mike_ray.utils import seed_everything
@@ -153,7 +155,10 @@ def trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             if tcfg.method == "mike":
                 refs = teacher_refs(Path(ctx["zoo_dir"]), teachers)
                 pg = ray.util.get_current_placement_group()
-                shards = ShardGroup(refs, cfg.resources.placement, placement_group=pg, first_bundle=1)
+                shards = ShardGroup(refs, cfg.resources.placement, placement_group=pg, first_bundle=1,
+                                    shares=query_shares(ctx["data_root"], query),
+                                    concurrency=cfg.resources.workers.num_workers)
+                run.params({"shards": shards.plan.replace("\n", " | ")})
             try:
                 res = run_transfer(tcfg, [], ctx["data_root"], query, cfg.resources.placement,
                                    cfg.resources.workers, sweep_dir / "runs", trial_id, shards=shards)

@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Annotated, Any, Literal, Mapping, Sequence
 
 import torch
 from pydantic import Field
@@ -40,10 +40,18 @@ class TeacherRef:
 
 
 class PlacementConfig(StrictModel):
-    """Where teachers run. ``teachers_per_shard``: 1 (one per shard), k, or "all" (one shard)."""
+    """Where teachers run.
+
+    ``teachers_per_shard``: k (consecutive teachers, k per shard), "all" (one shard), or "auto":
+    ``num_shards`` shards, teachers assigned so that every shard has about the same expected work
+    per step (:func:`partition`; under masking a teacher's work is its task's share of the query
+    rows × its forward cost, so a teacher of a rare task is cheap). ``num_shards`` applies to "auto"
+    only.
+    """
 
     mode: Literal["ray", "local"] = "ray"
-    teachers_per_shard: int | Literal["all"] = 1
+    teachers_per_shard: Annotated[int, Field(ge=1)] | Literal["all", "auto"] = 1
+    num_shards: int = Field(2, ge=1)
     cpus_per_shard: float = Field(1.0, ge=0)
     gpus_per_shard: float = Field(0.0, ge=0)
     threads: int = Field(1, gt=0)
@@ -127,6 +135,9 @@ class TeacherShard:
         of other tasks (even NaN ones) never reach a teacher's loss or gradient. The loss follows the
         share rule of :mod:`mike_ray.mike.loss`: ``Σ_n (#rows_n / B) · Σ_l w_l^n · masked mean``.
 
+        A teacher's forwards stop after its deepest tap with a nonzero weight (the tap contract's
+        early exit), so a layerwise schedule's early phases cost only the layers up to their tap.
+
         Under ``bf16`` the teacher forwards run in bf16 autocast; the tap terms and their gradient are
         computed in float32 on the float activations (the squared tanh difference of nearly equal
         activations is what bf16 rounds away). Values are read back once per step, not per teacher.
@@ -136,10 +147,11 @@ class TeacherShard:
         t0 = time.perf_counter()
         x = x.to(self.device, self.dtype)
         xbar = xbar.to(self.device, self.dtype)
-        task_ids = task_ids.to(self.device)
         batch = int(x.shape[0])
         grad = torch.zeros_like(xbar)
-        rows = _rows_per_task(task_ids) if masking else {}
+        # rows per task on the host (task ids come from the loader there): no device sync for them
+        rows = {t: i.to(self.device, non_blocking=True) for t, i in _rows_per_task(task_ids.cpu()).items()} \
+            if masking else {}
         values: list[torch.Tensor] = []  # read back together at the end (one host sync)
         keys: list[str] = []
         counts: dict[str, int] = {}
@@ -155,11 +167,13 @@ class TeacherShard:
             xs = x if idx is None else x.index_select(0, idx)
             xb = (xbar if idx is None else xbar.index_select(0, idx)).detach().requires_grad_(need_grad)
             n = int(xs.shape[0])
+            # early exit: the forward stops at the deepest tap that carries weight (exact)
+            upto = next(tap for tap in reversed(self._taps[name]) if w[tap])
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
                 with torch.no_grad():  # activations of x need no graph
-                    feats_x = tapped(xs)
+                    feats_x = tapped(xs, upto=upto)
                 with torch.set_grad_enabled(need_grad):
-                    feats_xb = tapped(xb)
+                    feats_xb = tapped(xb, upto=upto)
             with torch.set_grad_enabled(need_grad):
                 feats_x = {k: v.to(loss_dtype) for k, v in feats_x.items()}
                 feats_xb = {k: v.to(loss_dtype) for k, v in feats_xb.items()}
@@ -178,12 +192,16 @@ class TeacherShard:
             for tap, term in tap_terms.items():
                 keys.append(f"{name}/{tap}")
                 values.append(term.unweighted)
+        # the one host sync of a step: every term and the gradient's finiteness, read back together
+        if values:
+            values.append(torch.isfinite(grad).all().to(values[0].dtype))
         read = torch.stack([v.to(torch.float64) for v in values]).tolist() if values else []
+        grad_finite = bool(read.pop()) if read else True
         terms = dict(zip(keys, read))
         for name, value in terms.items():
             if not math.isfinite(value):
                 raise TrainingError(f"teacher '{name}': non-finite loss {value}")
-        if need_grad and values and not bool(torch.isfinite(grad).all()):
+        if need_grad and not grad_finite:
             raise TrainingError(f"teacher shard ({', '.join(self.teachers)}): non-finite gradient w.r.t. x̄")
         total = math.fsum(terms[n] * counts[n] / batch for n in counts if counts[n] and n in terms)
         return ShardOutput(total, terms, grad.cpu() if self.host_outputs else grad, counts,
@@ -217,12 +235,86 @@ def _rows_per_task(task_ids: torch.Tensor) -> dict[int, torch.Tensor]:
     return out
 
 
-def partition(teachers: Sequence[TeacherRef], per_shard: int | str) -> list[list[TeacherRef]]:
-    """Split teachers into shards of ``per_shard`` (or one shard for "all"), preserving order."""
-    k = len(teachers) if per_shard == "all" else int(per_shard)
-    if k <= 0:
-        raise ModelError(f"placement.teachers_per_shard: must be ≥ 1 or 'all', got {per_shard}")
-    return [list(teachers[i:i + k]) for i in range(0, len(teachers), k)]
+def shard_count(n_teachers: int, per_shard: int | str, num_shards: int = 2) -> int:
+    """How many shards :func:`partition` makes for ``n_teachers`` (a trial reserves one bundle each)."""
+    if per_shard == "all":
+        return 1
+    if per_shard == "auto":
+        return max(1, min(n_teachers, num_shards))
+    if int(per_shard) <= 0:
+        raise ModelError(f"placement.teachers_per_shard: must be ≥ 1, 'all' or 'auto', got {per_shard}")
+    return math.ceil(n_teachers / int(per_shard))
+
+
+def partition(teachers: Sequence[Any], per_shard: int | str, work: Sequence[float] | None = None,
+              num_shards: int = 2) -> list[list[Any]]:
+    """Split teachers into shards, each shard's teachers in their given order.
+
+    ``per_shard`` k: consecutive groups of k; "all": one shard; "auto": ``num_shards`` shards (fewer
+    if there are fewer teachers) balanced by ``work`` (one number per teacher, default equal): the
+    heaviest teacher first, each to the currently lightest shard (LPT; within 4/3 of the best
+    split), ties to the lower index, so the plan is deterministic.
+    """
+    n = shard_count(len(teachers), per_shard, num_shards)
+    if per_shard != "auto":
+        k = len(teachers) if per_shard == "all" else int(per_shard)
+        return [list(teachers[i:i + k]) for i in range(0, len(teachers), k)]
+    work = [1.0] * len(teachers) if work is None else [float(w) for w in work]
+    if len(work) != len(teachers) or any(not math.isfinite(w) or w < 0 for w in work):
+        raise ValueError(f"partition: need one finite work ≥ 0 per teacher, got {work}")
+    load = [0.0] * n
+    members: list[list[int]] = [[] for _ in range(n)]
+    for i in sorted(range(len(teachers)), key=lambda i: (-work[i], i)):
+        j = min(range(n), key=lambda j: (load[j], len(members[j]), j))
+        load[j] += work[i]
+        members[j].append(i)
+    return [[teachers[i] for i in sorted(m)] for m in members if m]
+
+
+def forward_flops(spec: Mapping[str, Any], input_shape: Sequence[int] = (3, 64, 64)) -> float:
+    """FLOPs of one forward of the model ``spec`` on one sample (torch's FlopCounterMode; an
+    untrained instance: the count does not depend on the weights)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mike_ray.models import build_model
+
+    model = build_model(dict(spec)).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, *input_shape))
+    return float(counter.get_total_flops())
+
+
+def expected_work(teachers: Sequence[TeacherRef], shares: Mapping[int, float] | None = None) -> list[float]:
+    """Each teacher's expected work per step under masking: its task's share of the query rows
+    (``shares``: task id → fraction; missing or None → equal shares over the teachers' tasks) × its
+    forward FLOPs per sample (from its stored model spec). A teacher without a task (unmasked) sees
+    every row: share 1."""
+    from mike_ray.teachers.zoo import read_teacher
+
+    tasks = {t.task_id for t in teachers if t.task_id is not None}
+    if not shares:
+        shares = {t: 1.0 / len(tasks) for t in tasks} if tasks else {}
+    flops: dict[str, float] = {}
+    out = []
+    for t in teachers:
+        spec = read_teacher(Path(t.path)).model
+        key = repr(sorted(spec.items()))
+        if key not in flops:
+            flops[key] = forward_flops(spec)
+        out.append((1.0 if t.task_id is None else float(shares.get(t.task_id, 0.0))) * flops[key])
+    return out
+
+
+def describe_plan(groups: Sequence[Sequence[Any]], work: Sequence[float] | None, names: Sequence[str]) -> str:
+    """One line per shard: its teachers and (when known) its share of the expected work."""
+    w = dict(zip(names, work)) if work is not None else {}
+    total = sum(w.values()) or 1.0
+    lines = []
+    for i, g in enumerate(groups):
+        label = ", ".join(getattr(t, "name", str(t)) for t in g)
+        share = f"  {sum(w.get(getattr(t, 'name', str(t)), 0.0) for t in g) / total:5.1%} of the work" if w else ""
+        lines.append(f"shard {i}: {label}{share}")
+    return "\n".join(lines)
 
 
 @dataclass
@@ -246,14 +338,21 @@ class ShardGroup:
 
     def __init__(self, teachers: Sequence[TeacherRef], placement: PlacementConfig,
                  dtype: torch.dtype = torch.float32, placement_group: object | None = None,
-                 first_bundle: int = 0) -> None:
+                 first_bundle: int = 0, shares: Mapping[int, float] | None = None,
+                 concurrency: int = 1) -> None:
         """``placement_group``: a Ray placement group whose bundles ``first_bundle``, +1, … hold the
-        shards (a Tune trial reserves them, so the autoscaler sees the teachers' demand)."""
+        shards (a Tune trial reserves them, so the autoscaler sees the teachers' demand).
+        ``shares``: task id → its fraction of the query rows, for ``teachers_per_shard: auto``
+        (default: equal). ``concurrency``: how many callers (DDP workers) a shard actor serves at
+        once — each call runs in its own thread of the actor, so one worker's step does not wait
+        for another's."""
         if not teachers:
             raise ModelError("teachers: at least one teacher is required")
         self.placement = placement
         self.dtype = dtype
-        self.groups = partition(teachers, placement.teachers_per_shard)
+        self.work = expected_work(teachers, shares) if placement.teachers_per_shard == "auto" else None
+        self.groups = partition(teachers, placement.teachers_per_shard, self.work, placement.num_shards)
+        self.plan = describe_plan(self.groups, self.work, [t.name for t in teachers])
         self.retries = 0
         if placement.mode == "local":
             # in-process: the caller's thread setting stays as it is
@@ -264,7 +363,7 @@ class ShardGroup:
 
             self.shards = start_shard_actors(TeacherShard, [(g, placement.device, placement.threads, placement.bf16,
                                                              dtype, True) for g in self.groups],
-                                             placement, placement_group, first_bundle)
+                                             placement, placement_group, first_bundle, concurrency)
             self._taps = {}
             for taps in ray.get([s.taps.remote() for s in self.shards]):
                 self._taps.update(taps)
@@ -315,15 +414,20 @@ class ShardGroup:
 
 
 def start_shard_actors(cls: type, args: Sequence[tuple], placement: PlacementConfig,
-                       placement_group: object | None = None, first_bundle: int = 0) -> list[Any]:
+                       placement_group: object | None = None, first_bundle: int = 0,
+                       concurrency: int = 1) -> list[Any]:
     """One Ray actor of ``cls`` per entry of ``args`` (its constructor arguments), with the shard's CPUs,
     GPUs and restart policy from ``placement``; actor i goes to bundle ``first_bundle + i`` of
-    ``placement_group`` when given (a Tune trial reserves them, so the autoscaler sees the demand)."""
+    ``placement_group`` when given (a Tune trial reserves them, so the autoscaler sees the demand).
+    ``concurrency`` > 1 makes a threaded actor serving that many calls at once (torch releases the
+    GIL in its kernels; the teachers are read-only, so concurrent steps do not interfere)."""
     import ray
 
+    if concurrency < 1:
+        raise ValueError(f"start_shard_actors: concurrency must be ≥ 1, got {concurrency}")
     actor = ray.remote(cls)
     base = dict(num_cpus=placement.cpus_per_shard, num_gpus=placement.gpus_per_shard,
-                max_restarts=placement.max_restarts, max_task_retries=0)
+                max_restarts=placement.max_restarts, max_task_retries=0, max_concurrency=concurrency)
     shards = []
     for i, a in enumerate(args):
         opts = dict(base)
