@@ -143,7 +143,7 @@ def _dataset(path: Path, **_: Any) -> str:
 def _spec_model(spec: dict[str, Any] | None, label: str) -> Any:
     from mike_ray.models import build_model
 
-    return None if spec is None else build_model(spec, name=label)
+    return None if spec is None else build_model(spec, name=label, imports="any")  # the --model argument
 
 
 def _checkpoint(path: Path, model: dict[str, Any] | None = None, **_: Any) -> str:

@@ -34,6 +34,7 @@ class ClassifierRef:
 
     name: str
     path: str
+    imports: tuple[str, ...] = ()  # import-path archs the running sweep file names (never from a file)
 
 
 class ClassifierShard:
@@ -52,7 +53,7 @@ class ClassifierShard:
         limit_threads(threads)
         self.device = resolve_device(device)
         run = MHGDConfig.model_validate(cfg)
-        frozen = [frozen_teacher(run, load_classifier(Path(r.path), self.device)[0]) for r in teachers]
+        frozen = [frozen_teacher(run, load_classifier(Path(r.path), self.device, r.imports)[0]) for r in teachers]
         self.local = LocalTeachers(frozen, [r.name for r in teachers])
 
     def outputs(self, x: Tensor, method: str) -> list[TeacherTargets]:

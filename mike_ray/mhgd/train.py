@@ -419,7 +419,7 @@ def _num_classes(ds: Any, spec: ModelSpec, role: str) -> int:
 
 
 def _build(spec: ModelSpec, num_classes: int, role: str) -> nn.Module:
-    return build_model(spec.model_copy(update={"num_classes": num_classes}), name=role)
+    return build_model(spec.model_copy(update={"num_classes": num_classes}), name=role, imports="any")  # sweep config
 
 
 def _image_shape(ds: Any) -> tuple[int, int, int]:

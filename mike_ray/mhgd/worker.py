@@ -61,7 +61,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         from mike_ray.utils import resolve_device
 
         device = resolve_device(cfg.device)
-        teachers = LocalTeachers([frozen_teacher(cfg, load_classifier(Path(r.path), device)[0]) for r in config["refs"]],
+        teachers = LocalTeachers([frozen_teacher(cfg, load_classifier(Path(r.path), device, r.imports)[0]) for r in config["refs"]],
                                  [r.name for r in config["refs"]])
 
     # --- train, reporting each epoch with the run's state as a checkpoint ----------------------------

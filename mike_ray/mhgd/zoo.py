@@ -17,7 +17,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Collection, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -132,10 +132,14 @@ def read_classifier(teacher_dir: Path) -> dict[str, Any]:
     return rec
 
 
-def load_classifier(teacher_dir: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild a stored teacher classifier in eval mode; weights load with ``weights_only=True``."""
+def load_classifier(teacher_dir: Path, device: str | torch.device = "cpu",
+                    imports: Collection[str] = ()) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild a stored teacher classifier in eval mode; weights load with ``weights_only=True``.
+
+    ``imports``: the import-path archs the running sweep file names (``import_archs``); a record
+    naming any other import path is refused, never imported."""
     rec = read_classifier(teacher_dir)
-    model = build_model(ModelSpec.model_validate(rec["model"]), name=rec["name"])
+    model = build_model(ModelSpec.model_validate(rec["model"]), name=rec["name"], imports=imports)
     load_weights(model, Path(teacher_dir) / rec.get("weights", "weights.pt"), name=rec["name"])
     dev = resolve_device(device) if isinstance(device, str) else device
     return model.to(dev).eval(), rec

@@ -76,7 +76,7 @@ def train_downstream(task: str, model_spec: Mapping[str, Any], state: Mapping[st
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()
     gen = seed_everything(cfg.seed + 1000 * TASK_CODES.index(task))
-    ae = build_model(dict(model_spec))
+    ae = build_model(dict(model_spec), imports="any")  # the sweep's transfer.model
     ae.load_state_dict(dict(state))
     ae.to(device)
     if cfg.reinit_decoder:

@@ -245,7 +245,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     seed_everything(cfg.seed)
 
     # --- model, optimizer, schedule -----------------------------------------------------------
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, imports="any")  # the sweep's transfer.model
     model = ray.train.torch.prepare_model(model)  # DDP when world > 1, moves to the worker's device
     device = next(model.parameters()).device
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

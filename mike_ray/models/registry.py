@@ -8,6 +8,12 @@ A model spec is a small dict (a section of a sweep or teacher-zoo file)::
     {"arch": "resnet18", "num_classes": 3}                    # any torchvision classifier, weights=None
     {"arch": "my_pkg.nets:make_net", "kwargs": {"k": 1}}      # any importable nn.Module factory
 
+An import-path arch makes mike_ray import and call code, so it is built only when the caller allows
+it: ``imports="any"`` for a spec from the sweep file being run (or the CLI), a set of arch strings for
+a spec read from a stored file (a teacher record, a classifier record): only those the running sweep
+file names itself (:func:`import_archs`). The default allows none — a file the project reads can name
+registered architectures only, never code to run.
+
 Torchvision models are always built with ``weights=None`` (no downloads; teachers are trained here).
 """
 from __future__ import annotations
@@ -18,7 +24,7 @@ import os
 import pickle
 import re
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Literal, Any
 
@@ -33,8 +39,11 @@ from mike_ray.models.autoencoder import AutoEncoder
 from mike_ray.models.classifiers import mobilenet_cifar, resnet_cifar, vgg_cifar, wrn
 from mike_ray.models.segmenter import Segmenter
 
-__all__ = ["ModelSpec", "available_archs", "build_model", "check_state_dict", "load_torch_file", "load_weights",
-           "save_weights"]
+__all__ = ["ModelSpec", "available_archs", "build_model", "check_state_dict", "import_archs", "load_torch_file",
+           "load_weights", "save_weights"]
+
+Imports = Collection[str] | Literal["any"]
+"""Which ``package.module:callable`` archs a build may import: "any", or exactly these."""
 
 # Our own architectures and the spec fields each accepts.
 _CUSTOM: dict[str, tuple[Callable[..., nn.Module], tuple[str, ...]]] = {
@@ -90,12 +99,35 @@ def _as_spec(spec: Mapping[str, Any] | ModelSpec) -> ModelSpec:
         raise ModelError(format_validation_error(err, ModelSpec, f"model '{arch}'")) from None
 
 
-def build_model(spec: Mapping[str, Any] | ModelSpec, *, name: str | None = None) -> nn.Module:
+def import_archs(tree: Any) -> frozenset[str]:
+    """Every ``arch`` value of the form ``package.module:callable`` anywhere in ``tree`` (a resolved
+    sweep config as plain dicts/lists): the code the running sweep file itself asks to import."""
+    found: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, Mapping):
+            arch = node.get("arch")
+            if isinstance(arch, str) and ":" in arch:
+                found.add(arch)
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, (list, tuple)):
+            for v in node:
+                walk(v)
+
+    walk(tree)
+    return frozenset(found)
+
+
+def build_model(spec: Mapping[str, Any] | ModelSpec, *, name: str | None = None, imports: Imports = ()) -> nn.Module:
     """Build an untrained model from a spec dict (see the module docstring).
 
     Args:
         spec: a dict (validated into :class:`ModelSpec`) or a ``ModelSpec``.
         name: the model's name in error messages (default: its arch).
+        imports: import-path archs this build may import: "any" (a spec from the sweep file being run
+            or the command line), or a collection — for a spec read from a stored file, the running
+            sweep file's own :func:`import_archs` (default: none).
 
     Raises:
         ModelError: unknown arch (closest names suggested), an unknown key, an option that does not
@@ -113,6 +145,10 @@ def build_model(spec: Mapping[str, Any] | ModelSpec, *, name: str | None = None)
                              f"(allowed: {', '.join(allowed)}, seed, kwargs)")
         kwargs = {**s.kwargs, **given}
     elif ":" in s.arch:  # "package.module:callable"
+        if imports != "any" and s.arch not in imports:
+            raise ModelError(f"model '{label}': arch '{s.arch}' is an import path, which only the sweep file "
+                             f"you run may name (a stored record names registered architectures only); "
+                             f"not imported")
         factory = _import_factory(s.arch, label)
         bad = [f for f in given if f != "num_classes"]
         if bad:

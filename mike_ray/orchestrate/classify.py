@@ -33,11 +33,12 @@ class MHGDResult:
     retries: int = 0
 
 
-def classifier_refs(zoo_dir: Path, names: Sequence[str]) -> list[ClassifierRef]:
-    """Classifier-zoo entries → shard references."""
+def classifier_refs(zoo_dir: Path, names: Sequence[str], imports: Sequence[str] = ()) -> list[ClassifierRef]:
+    """Classifier-zoo entries → shard references (``imports`` as in :func:`teacher_refs`)."""
     from mike_ray.mhgd.zoo import read_classifier
 
-    return [ClassifierRef(n, str(Path(zoo_dir) / read_classifier(Path(zoo_dir) / n)["name"])) for n in names]
+    return [ClassifierRef(n, str(Path(zoo_dir) / read_classifier(Path(zoo_dir) / n)["name"]), tuple(sorted(imports)))
+            for n in names]
 
 
 def run_mhgd(cfg: MHGDConfig, data: ClassificationData, teachers: Sequence[ClassifierRef],

@@ -30,6 +30,7 @@ def mhgd_trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     from mike_ray.data.classification import ClassificationData
     from mike_ray.mhgd.shard import ShardTeachers
     from mike_ray.orchestrate.classify import classifier_refs, run_mhgd
+    from mike_ray.models.registry import import_archs
     from mike_ray.orchestrate.tuning import _fail_trial, _finish_trial, _trial_run
 
     t_start = time.perf_counter()
@@ -59,7 +60,7 @@ def mhgd_trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             "mlflow_run_id": run.run_id}
     try:
         # --- the student's run: shards in this trial's placement group, the worker in Train's own -------
-        refs = classifier_refs(zoo_dir, teachers)
+        refs = classifier_refs(zoo_dir, teachers, import_archs(cfg.model_dump(mode="json")))
         shards = None
         if uses_teachers and cfg.resources.placement.mode == "ray":
             pg = ray.util.get_current_placement_group()

@@ -40,14 +40,17 @@ class TransferResult:
     taps: dict[str, list[str]] = field(default_factory=dict)
 
 
-def teacher_refs(zoo_dir: Path, names: Sequence[str]) -> list[TeacherRef]:
-    """Zoo entries → shard references; each teacher masks to its own task."""
+def teacher_refs(zoo_dir: Path, names: Sequence[str], imports: Sequence[str] = ()) -> list[TeacherRef]:
+    """Zoo entries → shard references; each teacher masks to its own task. ``imports``: the
+    import-path archs the running sweep file names (``import_archs``), the only ones a stored record
+    may use."""
     from mike_ray.teachers.zoo import read_teacher
 
     refs = []
     for n in names:
         rec = read_teacher(Path(zoo_dir) / n)
-        refs.append(TeacherRef(name=n, path=str(Path(zoo_dir) / n), task_id=TASK_CODES.index(rec.task)))
+        refs.append(TeacherRef(name=n, path=str(Path(zoo_dir) / n), task_id=TASK_CODES.index(rec.task),
+                               imports=tuple(sorted(imports))))
     return refs
 
 

@@ -111,6 +111,7 @@ def trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     from mike_ray.mike.downstream import DownstreamConfig, evaluate_downstream, norm_iou_mean
     from mike_ray.mike.train import TransferConfig
     from mike_ray.models import build_model
+    from mike_ray.models.registry import import_archs
     from mike_ray.orchestrate.transfer import query_shares, run_transfer, teacher_refs
     from mike_ray.teachers.shard import ShardGroup
     from mike_ray.teachers.zoo import read_zoo
@@ -148,12 +149,12 @@ def trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         if method == "control":
             # --- control: no transfer at all; the encoder stays as initialised with this seed ---
             seed_everything(tcfg.seed)
-            state = build_model(tcfg.model).state_dict()
+            state = build_model(tcfg.model, imports="any").state_dict()
         else:
             # --- transfer: shards in this trial's placement group, workers in Train's own -------
             shards = None
             if tcfg.method == "mike":
-                refs = teacher_refs(Path(ctx["zoo_dir"]), teachers)
+                refs = teacher_refs(Path(ctx["zoo_dir"]), teachers, import_archs(cfg.model_dump(mode="json")))
                 pg = ray.util.get_current_placement_group()
                 shards = ShardGroup(refs, cfg.resources.placement, placement_group=pg, first_bundle=1,
                                     shares=query_shares(ctx["data_root"], query),
@@ -268,7 +269,7 @@ def _trial_artifacts(run: RunLogger, sweep_dir: Path, record: dict, res, tcfg, d
             run.artifact(layerwise_loss(res.history, "loss/val/teacher", d / "layerwise_loss.png",
                                         "layerwise val loss (unweighted)"), "plots")
         if res is not None:
-            model = build_model(tcfg.model)
+            model = build_model(tcfg.model, imports="any")
             model.load_state_dict(res.state)
             model.eval()
             val = ShardDataset(data_root, "val", query, limit=8)

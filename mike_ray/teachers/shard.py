@@ -37,6 +37,8 @@ class TeacherRef:
     path: str
     task_id: int | None = None
     taps: tuple[str, ...] | None = None  # None: the taps stored with the teacher
+    # import-path archs the running sweep file names: the only ones the stored record may use
+    imports: tuple[str, ...] = ()
 
 
 class PlacementConfig(StrictModel):
@@ -108,7 +110,7 @@ class TeacherShard:
         self.host_outputs = host_outputs
         self.teachers: dict[str, tuple[TeacherRef, torch.nn.Module]] = {}
         for ref in teachers:
-            model, rec = load_teacher(Path(ref.path), self.device)
+            model, rec = load_teacher(Path(ref.path), self.device, ref.imports)
             taps = list(ref.taps) if ref.taps else list(rec.taps)
             tapped = TappedModel(model.to(dtype), taps).eval().requires_grad_(False)
             self.teachers[ref.name] = (ref, tapped)
@@ -271,14 +273,15 @@ def partition(teachers: Sequence[Any], per_shard: int | str, work: Sequence[floa
     return [[teachers[i] for i in sorted(m)] for m in members if m]
 
 
-def forward_flops(spec: Mapping[str, Any], input_shape: Sequence[int] = (3, 64, 64)) -> float:
+def forward_flops(spec: Mapping[str, Any], input_shape: Sequence[int] = (3, 64, 64),
+                  imports: Sequence[str] | str = ()) -> float:
     """FLOPs of one forward of the model ``spec`` on one sample (torch's FlopCounterMode; an
-    untrained instance: the count does not depend on the weights)."""
+    untrained instance: the count does not depend on the weights). ``imports`` as in ``build_model``."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from mike_ray.models import build_model
 
-    model = build_model(dict(spec)).eval()
+    model = build_model(dict(spec), imports=imports).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, *input_shape))
     return float(counter.get_total_flops())
@@ -300,7 +303,7 @@ def expected_work(teachers: Sequence[TeacherRef], shares: Mapping[int, float] | 
         spec = read_teacher(Path(t.path)).model
         key = repr(sorted(spec.items()))
         if key not in flops:
-            flops[key] = forward_flops(spec)
+            flops[key] = forward_flops(spec, imports=t.imports)
         out.append((1.0 if t.task_id is None else float(shares.get(t.task_id, 0.0))) * flops[key])
     return out
 

@@ -21,7 +21,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Collection, Literal, Sequence
 
 import torch
 from pydantic import Field, field_validator
@@ -158,7 +158,7 @@ def train_teacher(task: str, data_root: Path, cfg: ZooConfig, out_dir: Path) -> 
     test_dl = make_loader(test_ds, 256, shuffle=False)
 
     spec = {**cfg.model, "num_classes": 3}
-    model = build_model(spec).to(device)
+    model = build_model(spec, imports="any").to(device)  # the sweep's zoo.model
     taps = tap_names(model, cfg.taps)
 
     def evaluate(loader: torch.utils.data.DataLoader | None = None) -> IoUMeter:
@@ -268,13 +268,18 @@ def read_teacher(teacher_dir: Path) -> TeacherRecord:
     return rec
 
 
-def load_teacher(teacher_dir: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, TeacherRecord]:
-    """Rebuild a stored teacher, frozen and in eval mode. Weights load with ``weights_only=True``."""
+def load_teacher(teacher_dir: Path, device: str | torch.device = "cpu",
+                 imports: Collection[str] = ()) -> tuple[torch.nn.Module, TeacherRecord]:
+    """Rebuild a stored teacher, frozen and in eval mode. Weights load with ``weights_only=True``.
+
+    ``imports``: the import-path archs the running sweep file names (``import_archs``); a record
+    naming any other import path is a one-line ModelError, and nothing is imported."""
     from mike_ray.models import build_model
     from mike_ray.models.registry import load_weights
 
     rec = read_teacher(teacher_dir)
-    model = load_weights(build_model(rec.model), Path(teacher_dir) / rec.weights, name=rec.name)
+    model = load_weights(build_model(rec.model, name=rec.name, imports=imports), Path(teacher_dir) / rec.weights,
+                         name=rec.name)
     model.eval().requires_grad_(False)
     return model.to(device), rec
 
