@@ -264,10 +264,9 @@ def _parse_model(text: str | None) -> dict[str, Any] | None:
         return None
     import yaml
 
-    try:
-        spec = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--model: not YAML/JSON: {one_line(str(err))}") from None
+    from mike_ray.config_base import parse_yaml
+
+    spec = parse_yaml(text, "--model", yaml.SafeLoader)
     if not isinstance(spec, dict):
         raise ConfigError("--model: must be a mapping such as '{arch: autoencoder, width: 8}'")
     return spec

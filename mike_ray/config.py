@@ -374,11 +374,16 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, profile: st
     """
     import yaml
 
+    from mike_ray.config_base import check_yaml_shape
+
     raw = load_yaml(path)
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
+        raise ConfigError(f"{path}: the top level must be a mapping (got {type(raw).__name__})")
     if profile is not None:
         profiles = raw.get("profiles") or {}
+        if not isinstance(profiles, dict):
+            raise ConfigError(f"{path}: profiles: must be a mapping of profile name → settings ("
+                              f"got {type(profiles).__name__})")
         if profile not in profiles:
             raise ConfigError(f"{path}: profiles: no profile '{profile}' (has: {', '.join(profiles) or 'none'})")
         if not isinstance(profiles[profile], dict):
@@ -397,8 +402,11 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, profile: st
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: '{p}' is not a mapping")
         try:
-            node[parts[-1]] = yaml.safe_load(value)
+            node[parts[-1]] = check_yaml_shape(yaml.safe_load(value), f"--set {key}")
         except yaml.YAMLError as err:
             why = getattr(err, "problem", None) or err
             raise ConfigError(f"--set {key}: invalid YAML value {value!r}: {why}") from None
+        except RecursionError:
+            raise ConfigError(f"--set {key}: nested too deeply") from None
+    check_yaml_shape(raw, f"{path} with --set")
     return validate(SweepConfig, raw, source=str(path))

@@ -190,9 +190,53 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+#: bounds on a YAML document once its aliases are expanded (a sweep file has a few hundred values)
+MAX_YAML_VALUES = 100_000
+MAX_YAML_DEPTH = 64
+
+
+def check_yaml_shape(tree: Any, source: str) -> Any:
+    """``tree`` unchanged if, with every alias expanded, it holds at most :data:`MAX_YAML_VALUES`
+    values nested at most :data:`MAX_YAML_DEPTH` deep; else a one-line :class:`ConfigError`.
+
+    YAML aliases share one object, so a 400-byte file can stand for billions of values (every later
+    step — validation, printing — walks them all) or for a cycle; the walk is iterative and stops at
+    the bound, so checking costs at most the bound."""
+    stack = [(tree, 1)]
+    seen = 0
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if seen > MAX_YAML_VALUES:
+            raise ConfigError(f"{source}: more than {MAX_YAML_VALUES:,} values once its aliases are expanded "
+                              f"(an alias bomb or a self-referencing alias?)")
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"{source}: nested more than {MAX_YAML_DEPTH} levels deep")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend((v, depth + 1) for v in node)
+    return tree
+
+
+def parse_yaml(text: str, source: str, loader: Any = None) -> Any:
+    """Parse one YAML document with one-line errors and the shape bounds of :func:`check_yaml_shape`
+    (an empty document is None)."""
+    try:
+        tree = yaml.load(text, Loader=loader or _StrictLoader)
+    except RecursionError:
+        raise ConfigError(f"{source}: nested more than {MAX_YAML_DEPTH} levels deep") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{source}:{where} invalid YAML: {getattr(err, 'problem', None) or err}") from None
+    return check_yaml_shape(tree, source)
+
+
 def load_yaml(path: str | Path) -> Any:
-    """Read a YAML file; a missing or unreadable file, a YAML syntax error or a key given twice is a
-    :class:`ConfigError`."""
+    """Read a YAML file; a missing or unreadable file, a YAML syntax error, a key given twice or a
+    document beyond the shape bounds (:func:`check_yaml_shape`) is a :class:`ConfigError`. An empty
+    file is ``{}``; any other top level is returned as it is (the caller says what it must be)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: file not found")
@@ -202,12 +246,8 @@ def load_yaml(path: str | Path) -> Any:
         raise ConfigError(f"{p}: not a UTF-8 text file (byte {err.start})") from None
     except OSError as err:
         raise ConfigError(f"{p}: cannot read: {err.strerror or err}") from None
-    try:
-        return yaml.load(text, Loader=_StrictLoader) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{p}:{where} invalid YAML: {getattr(err, 'problem', None) or err}") from None
+    tree = parse_yaml(text, str(p))
+    return {} if tree is None else tree
 
 
 def load_model(model: type[M], path: str | Path) -> M:

@@ -205,7 +205,18 @@ BAD_SETS = [
     ("study..trials=3", "--set 'study..trials=3': empty key"),
     ("search.lr={low: 1, high: 0.1}", "base.yaml: search.lr: low (1.0) must be < high (0.1)"),
     ("search.teacher_subset=[pair, trio]", "search.teacher_subset: 'trio' is not a key of teacher_subsets"),
+    ("name=" + "[" * 200 + "]" * 200, "--set name: nested more than 64 levels deep"),
+    ("study=&a [*a]", "--set study: nested more than 64 levels deep"),  # a list that contains itself
 ]
+
+
+@pytest.mark.parametrize("profiles", ["3", "[smoke]", "smoke"])
+def test_profiles_that_are_not_a_mapping_are_one_line(tmp_path, capsys, profiles):
+    path = tmp_path / "p.yaml"
+    path.write_text(f"name: p\nprofiles: {profiles}\n")
+    code, out, err = main_exit(capsys, str(path), "--dry-run", "--profile", "smoke")
+    assert code == 2 and out == ""
+    assert_one_error_line(err, "p.yaml: profiles: must be a mapping of profile name → settings (got ")
 
 
 @pytest.mark.parametrize("item,needle", BAD_SETS, ids=[s for s, _ in BAD_SETS])
