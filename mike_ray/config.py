@@ -7,7 +7,9 @@ full defaults, so a sweep file is a small diff on top of them (DINOv2-style).
 """
 from __future__ import annotations
 
+import difflib
 import math
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -159,7 +161,7 @@ class StudyConfig(StrictModel):
     direction: Literal["max", "min"] = "max"
     trials: int = Field(4, ge=1)
     concurrency: int = Field(1, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32 - 1000)  # Optuna's sampler takes 0 ≤ seed < 2³²; trials add their index
     repeats: int = Field(1, ge=1)  # seeds per configuration; summaries give mean ± std
     # MIKE: a pixel-MSE autoencoder per subset × seed × searched model setting (matched to the MIKE
     # trials of the same model); MHGD: the student alone per seed
@@ -187,6 +189,25 @@ class MlflowConfig(StrictModel):
 
     tracking_uri: str | None = None
     experiment: str = "mike_ray"
+
+    #: tracking-store schemes MLflow serves (a plain path is a local file store)
+    SCHEMES: ClassVar[tuple[str, ...]] = ("file", "sqlite", "http", "https", "postgresql", "mysql", "mssql",
+                                          "databricks", "databricks-uc")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _scheme(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.strip():
+            raise ValueError("must not be empty (leave it out for the store under output)")
+        scheme = v.split(":", 1)[0].split("+", 1)[0].lower() if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", v) else ""
+        if scheme and scheme not in cls.SCHEMES:
+            close = difflib.get_close_matches(scheme, cls.SCHEMES, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ValueError(f"scheme '{scheme}' is not an MLflow tracking store{hint}; use one of "
+                             f"{', '.join(cls.SCHEMES)} or a path")
+        return v
 
 
 class SweepConfig(StrictModel):
@@ -221,6 +242,33 @@ class SweepConfig(StrictModel):
                 raise ValueError(f"subset '{name}' is empty")
         return v
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if set(v) <= {"."}:
+            raise ValueError(f"'{v}' would name a folder outside the sweep's output; use letters or digits")
+        return v
+
+    def _check_models(self) -> None:
+        """Build every model the sweep will build (untrained, once, on the CPU: milliseconds), so an
+        unknown arch or option is a one-line error here, not inside a Ray worker."""
+        from mike_ray.errors import ModelError
+        from mike_ray.models import build_model
+
+        if self.family == "mike":
+            specs = [("zoo.model", {**self.zoo.model, "num_classes": 3})]
+            dims = self.search.embed_channels if isinstance(self.search.embed_channels, list) else [None]
+            specs += [("transfer.model", {**self.transfer.model, **({"embed_channels": int(c)} if c else {})})
+                      for c in dims]
+        else:
+            specs = [(f"classifier_zoo.teachers.{k}", v) for k, v in self.classifier_zoo.teachers.items()]
+            specs.append(("mhgd.student", self.mhgd.student))
+        for where, spec in specs:
+            try:
+                build_model(spec, name=where, imports="any")  # the sweep file being run names them
+            except ModelError as err:
+                raise ValueError(str(err).replace(f"model '{where}': ", f"{where}: ", 1)) from None
+
     @property
     def family(self) -> str:
         """"mike" (autoencoder + downstream IoU) or "mhgd" (classifier student + accuracy)."""
@@ -230,6 +278,7 @@ class SweepConfig(StrictModel):
     def _cross(self) -> "SweepConfig":
         if self.family == "mhgd":
             self._check_mhgd()
+            self._check_models()
             return self
         for name in SearchConfig.MHGD_ONLY:
             if getattr(self.search, name) is not None:
@@ -262,6 +311,7 @@ class SweepConfig(StrictModel):
         if missing:
             raise ValueError(f"downstream.tasks: '{missing[0]}' is not in data.prepare.tasks")
         self._check_search_values()
+        self._check_models()
         return self
 
     def _check_grid(self) -> None:

@@ -45,12 +45,33 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
         ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", include_dashboard=False, runtime_env=env)
 
 
+def check_output(output: str | Path, create: bool) -> None:
+    """The sweep's ``output`` folder can hold its results: not a file, and (``create``) created and
+    writable — checked before Ray starts, so a bad folder costs no cluster time."""
+    import tempfile
+
+    from mike_ray.errors import ConfigError
+
+    p = Path(output)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"output: {p} is a file, not a folder")
+    if not create:
+        return
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as err:
+        raise ConfigError(f"output: {p}: not writable ({err.strerror or type(err).__name__})") from None
+
+
 @cli_main
 def main(argv: Sequence[str] | None = None) -> int:
     from mike_ray.config import load_sweep
 
     args = _parser().parse_args(argv)
     cfg = load_sweep(args.sweep, args.overrides, args.profile)
+    check_output(cfg.output, create=not args.dry_run)
     if args.dry_run:
         from mike_ray.orchestrate.driver import trial_plan
 

@@ -262,3 +262,19 @@ def test_unknown_key_without_a_close_match_lists_allowed(tmp_path):
     f.write_text("study: {zzzzzz: 1}\n")
     with pytest.raises(ConfigError, match=r"study\.zzzzzz: unknown key \(allowed: objective, direction, trials"):
         load_sweep(f)
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_an_output_that_cannot_hold_results_fails_before_ray_starts(base_sweep, tmp_path, dry_run) -> None:
+    """A file where the output folder should be, or a folder under a file: one line, exit 2 — and
+    (without --dry-run) before Ray starts (its banner would be on stderr)."""
+    blocker = tmp_path / "results"
+    blocker.write_text("not a folder")
+    for output, needle in ((blocker, "is a file, not a folder"), (blocker / "sub", "not writable")):
+        if dry_run and output != blocker:
+            continue  # --dry-run creates nothing, so it cannot tell a folder under a file
+        args = [str(base_sweep), "--set", f"output={output}"] + (["--dry-run"] if dry_run else [])
+        proc = run_cli(*args)
+        assert proc.returncode == 2, proc.stderr
+        assert_one_error_line(proc.stderr, f"output: {output}", needle)
+    assert blocker.read_text() == "not a folder"

@@ -122,6 +122,11 @@ def test_mlflow_holds_the_parent_run_and_its_trials(smoke) -> None:
         if run.data.tags["mike_ray.method"] == "mike":
             assert "plots/layerwise_loss.png" in arts
             assert "loss/teacher/DCH/stem" in run.data.metrics  # metric names are paths
+            # teachers_per_shard: auto — two shards, every teacher on exactly one, balanced by work
+            plan = run.data.params["shards"].split(" | ")
+            assert len(plan) == 2 and all("of the work" in p for p in plan)
+            assert sorted(t for p in plan for t in p.split(": ", 1)[1].split("  ")[0].split(", ")) == \
+                ["CTB", "DCH", "PHB"]
             # every teacher of the subset is validated every epoch, and none is a constant 0.0
             for teacher in ("DCH", "CTB", "PHB"):
                 keys = [k for k in run.data.metrics if k.startswith(f"loss/val/teacher/{teacher}/")]

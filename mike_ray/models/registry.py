@@ -87,16 +87,16 @@ def available_archs() -> list[str]:
     return list(_CUSTOM) + torchvision.models.list_models(module=torchvision.models)
 
 
-def _as_spec(spec: Mapping[str, Any] | ModelSpec) -> ModelSpec:
+def _as_spec(spec: Mapping[str, Any] | ModelSpec, name: str | None = None) -> ModelSpec:
     if isinstance(spec, ModelSpec):
         return spec
     if not isinstance(spec, Mapping):
         raise ModelError(f"model spec must be a mapping with an 'arch' key, got {type(spec).__name__}")
-    arch = spec.get("arch", "?")
+    label = name or spec.get("arch", "?")
     try:
         return ModelSpec.model_validate(dict(spec))
     except ValidationError as err:
-        raise ModelError(format_validation_error(err, ModelSpec, f"model '{arch}'")) from None
+        raise ModelError(format_validation_error(err, ModelSpec, f"model '{label}'")) from None
 
 
 def import_archs(tree: Any) -> frozenset[str]:
@@ -133,7 +133,7 @@ def build_model(spec: Mapping[str, Any] | ModelSpec, *, name: str | None = None,
         ModelError: unknown arch (closest names suggested), an unknown key, an option that does not
             apply to the arch, or a builder that rejects its arguments.
     """
-    s = _as_spec(spec)
+    s = _as_spec(spec, name)
     label = name or s.arch
     given = {f: getattr(s, f) for f in _TYPED_FIELDS if getattr(s, f) is not None}
 
