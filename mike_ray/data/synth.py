@@ -336,10 +336,52 @@ def generate_coco(root: str | Path, n_images: int = DEFAULT_IMAGES, seed: int = 
         seed: the same seed gives byte-identical files.
         split: split name used for the annotation file and the image folder.
         progress: called as ``progress(done, total)`` after each image.
+
+    The split is written under temporary names and swapped in at the end (the old annotation file is
+    removed first, then the image folder replaced, then the new annotation file renamed into place),
+    so an interrupted run — or a re-generation with another seed — never leaves annotations beside
+    images they do not describe. Raises a one-line ConfigError for a bad argument or an output that
+    cannot be written.
     """
-    if n_images < 1:
-        raise ValueError("n_images must be >= 1")
+    import os
+    import re
+    import shutil
+    import tempfile
+
+    from mike_ray.errors import ConfigError
+
+    if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
+        raise ConfigError(f"images: must be an integer >= 1, got {n_images!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ConfigError(f"seed: must be an integer in 0..2^63-1, got {seed!r}")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", split) or set(split) <= {"."}:
+        raise ConfigError(f"split: {split!r} must be a folder name (letters, digits, '_', '-', '.'; not only dots)")
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"out: {root} is a file, not a folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".tmp-generate-{split}-", dir=root))
+    except OSError as err:
+        raise ConfigError(f"out: {root}: not writable ({err.strerror or type(err).__name__})") from None
+    try:
+        ann_path = _generate_into(work, n_images, seed, split, progress)
+        final_ann = root / "annotations" / ann_path.name
+        final_ann.parent.mkdir(exist_ok=True)
+        final_ann.unlink(missing_ok=True)  # from here until the end the split has no annotation file
+        if (root / split).exists():
+            os.replace(root / split, work / "old")
+        os.replace(work / split, root / split)
+        os.replace(ann_path, final_ann)
+        return final_ann
+    except OSError as err:
+        raise ConfigError(f"out: {root}: cannot write the dataset ({err.strerror or type(err).__name__})") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _generate_into(root: Path, n_images: int, seed: int, split: str,
+                   progress: Callable[[int, int], None] | None) -> Path:
     img_dir = root / split
     ann_dir = root / "annotations"
     img_dir.mkdir(parents=True, exist_ok=True)
