@@ -134,6 +134,10 @@ def launcher_problems(cfg: dict) -> list[str]:
         for host in re.findall(r"--dashboard-host[= ](\S+)", c):
             if host != "127.0.0.1":
                 problems.append(f"dashboard bound to {host}")
+    for c in start_commands(cfg):  # the tracking server has no authentication: private address only
+        for host in re.findall(r"mlflow server\b.*?--host[= ](\S+)", c):
+            if host.strip("'\"") in ("0.0.0.0", "::", "[::]"):
+                problems.append(f"mlflow server bound to all interfaces ({host}): bind the private address")
     worker_start = [c for c in cfg.get("worker_start_ray_commands", []) if "ray start" in c]
     if len(worker_start) != 1:
         problems.append("worker_start_ray_commands must contain exactly one `ray start`")
@@ -495,6 +499,11 @@ LAUNCHER_BREAKAGES = {
         "GPU: 0",
     ),
     "no idle timeout": (lambda c: c.update(idle_timeout_minutes=0), "idle_timeout"),
+    "mlflow on all interfaces": (
+        lambda c: c.update(head_start_ray_commands=[re.sub(r"mlflow server --host \S+ ", "mlflow server --host 0.0.0.0 ",
+                                                           x) for x in c["head_start_ray_commands"]]),
+        "mlflow server bound to all interfaces",
+    ),
 }
 
 
