@@ -126,6 +126,13 @@ def _message(first: dict[str, Any], model: type[BaseModel], loc: tuple[Any, ...]
     return msg
 
 
+def _shown_key(key: Any) -> str:
+    """A key as it appears in a field path: plain when it is a simple name, else quoted (a key with
+    a newline, a space or a dot must neither break the one-line message nor look like a path)."""
+    s = str(key)
+    return s if s and s.isprintable() and not any(c in s for c in " .:'\"") else repr(s)
+
+
 def format_validation_error(err: ValidationError, model: type[BaseModel], source: str) -> str:
     """One line: ``<source>: <field.path>: <problem>`` for the first error (+ count of others).
 
@@ -149,7 +156,7 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], source
             if "input" in first and len(repr(first["input"])) <= 60:
                 shown_msg += f", got {first['input']!r}"
     loc = tuple(first.get("loc", ()))
-    path = ".".join(str(p) for p in clean)
+    path = ".".join(_shown_key(p) for p in clean)
     msg = shown_msg or _message(first, model, loc)
     # groups of errors (all branches of one union count once)
     keys = {tuple(c[:t]) if t is not None else (i,) for i, (c, t, _) in enumerate(walked)}

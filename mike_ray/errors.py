@@ -16,7 +16,11 @@ F = TypeVar("F", bound=Callable[..., object])
 
 
 class MikeRayError(Exception):
-    """Base class. ``str(err)`` is the one line shown to the user."""
+    """Base class. ``str(err)`` is the one line shown to the user (whitespace runs, newlines
+    included, are collapsed: a value quoted from a file can never break the line)."""
+
+    def __str__(self) -> str:
+        return one_line(super().__str__())
 
 
 class ConfigError(MikeRayError):
