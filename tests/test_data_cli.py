@@ -138,3 +138,13 @@ def test_regenerating_with_another_seed_replaces_images_and_annotations_together
     assert [i["file_name"] for i in second["images"]] == sorted(p.name for p in (root / "synth").iterdir())
     assert first["annotations"] != second["annotations"]
     assert sorted(p.name for p in root.iterdir()) == ["annotations", "synth"]  # no temporary left behind
+
+
+def test_prepare_into_a_file_or_below_one_is_one_line(synth: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_one_line_error(run_cli("prepare", "--coco-root", str(synth), "--out", str(blocker), "--tasks", "DCH"),
+                          f"out: {blocker} is a file, not a folder")
+    assert_one_line_error(run_cli("prepare", "--coco-root", str(synth), "--out", str(blocker / "x"), "--tasks", "DCH"),
+                          f"out: {blocker / 'x'}: cannot create it")
+    assert blocker.read_text() == "x"

@@ -42,7 +42,7 @@ from mike_ray.config_base import format_validation_error
 from mike_ray.data.coco import (SPLITS, CropRecord, PrepareConfig, annotation_path, count_work, discover_splits,
                                 file_sha256, iter_crops, open_sources)
 from mike_ray.data.tasks import TASK_CODES, TASKS
-from mike_ray.errors import DataError, one_line
+from mike_ray.errors import ConfigError, DataError, one_line
 
 FORMAT_VERSION = 2  # 2: a test split (test/<TASK>.parquet, counts.test); 1 had train/val only
 MANIFEST = "manifest.json"
@@ -430,6 +430,12 @@ def prepare_dataset(cfg: PrepareConfig, coco_root: str | Path, out_root: str | P
         The dataset directory, complete with its manifest.
     """
     out_root = Path(out_root)
+    if out_root.exists() and not out_root.is_dir():
+        raise ConfigError(f"out: {out_root} is a file, not a folder")
+    try:
+        out_root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"out: {out_root}: cannot create it ({err.strerror or type(err).__name__})") from None
     splits = list(splits) if splits else discover_splits(coco_root)
     source = source_info(coco_root, splits)
     key = config_key(cfg, source)
