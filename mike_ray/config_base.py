@@ -128,9 +128,9 @@ def _message(first: dict[str, Any], model: type[BaseModel], loc: tuple[Any, ...]
 
 def _shown_key(key: Any) -> str:
     """A key as it appears in a field path: plain when it is a simple name, else quoted (a key with
-    a newline, a space or a dot must neither break the one-line message nor look like a path)."""
+    a newline, a space or a quote must not break the one-line message)."""
     s = str(key)
-    return s if s and s.isprintable() and not any(c in s for c in " .:'\"") else repr(s)
+    return s if s and s.isprintable() and not any(c in s for c in " :'\"") else repr(s)
 
 
 def format_validation_error(err: ValidationError, model: type[BaseModel], source: str) -> str:

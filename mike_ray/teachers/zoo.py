@@ -278,8 +278,11 @@ def load_teacher(teacher_dir: Path, device: str | torch.device = "cpu",
     from mike_ray.models.registry import load_weights
 
     rec = read_teacher(teacher_dir)
-    model = load_weights(build_model(rec.model, name=rec.name, imports=imports), Path(teacher_dir) / rec.weights,
-                         name=rec.name)
+    try:
+        model = build_model(rec.model, name=rec.name, imports=imports)
+    except ModelError as err:  # the record is at fault: name it
+        raise ModelError(f"{Path(teacher_dir) / 'teacher.json'}: model: {err}") from None
+    model = load_weights(model, Path(teacher_dir) / rec.weights, name=rec.name)
     model.eval().requires_grad_(False)
     return model.to(device), rec
 

@@ -230,6 +230,13 @@ CATALOGUE: list[Entry] = [
           generated=True),
     Entry("checkpoints", "teacher_json_missing_field", "teacher", "load_teacher", "DataError",
           "teacher.json: malformed teacher manifest", "a teacher.json without `val_iou`", generated=True),
+    # a stored record names code to import: refused, never imported or called
+    Entry("checkpoints", "teacher_arch_subprocess", "teacher", "load_teacher", "ModelError",
+          "arch 'subprocess:run' is an import path", "a teacher.json whose arch runs a command", generated=True),
+    Entry("checkpoints", "teacher_arch_os_system", "teacher", "load_teacher", "ModelError",
+          "arch 'os:system' is an import path", "a teacher.json whose arch is `os:system`", generated=True),
+    Entry("checkpoints", "teacher_arch_builtins_eval", "teacher", "load_teacher", "ModelError",
+          "arch 'builtins:eval' is an import path", "a teacher.json whose arch evaluates a string", generated=True),
 ]
 
 
@@ -425,6 +432,10 @@ def _checkpoints(out: Path) -> None:
     rec = _teacher_record()
     rec.pop("val_iou")
     teacher("teacher_json_missing_field", TEACHER_MODEL, rec)
+    for name, arch, kwargs in (("teacher_arch_subprocess", "subprocess:run", {"args": ["touch", "/tmp/pwned"]}),
+                               ("teacher_arch_os_system", "os:system", {"command": "touch /tmp/pwned"}),
+                               ("teacher_arch_builtins_eval", "builtins:eval", {"source": "print('pwned')"})):
+        teacher(name, TEACHER_MODEL, {**_teacher_record(), "model": {"arch": arch, "kwargs": kwargs}})
 
 
 def make(out: str | Path) -> Path:
