@@ -23,22 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-_TAG = "@@RESULT "
+from _common import TAG, run_worker, status_mb
+
 TASKS = ["DCH", "CTB", "PHB"]
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(field)
 
 
 def _worker(a: dict) -> dict:
@@ -49,29 +41,24 @@ def _worker(a: dict) -> dict:
     from mike_ray.orchestrate.transfer import query_shares
 
     root = a["root"]
-    base = _status_mb("VmRSS")
+    base = status_mb("VmRSS")
     rows = count_rows(root, "train", TASKS)
     if a["role"] == "cache":  # a node's first worker decodes the shards into the cache, once
         ShardDataset(root, "train", TASKS, memory="mmap")
         return {}
     if a["role"] == "driver":
         query_shares(root, TASKS)
-        return {"rows": rows, "base": base, "peak": _status_mb("VmHWM"), "anon": _status_mb("RssAnon")}
+        return {"rows": rows, "base": base, "peak": status_mb("VmHWM"), "anon": status_mb("RssAnon")}
     q = QueryBatches(ShardDataset(root, "train", TASKS, memory=a["role"]), a["batch"], seed=0)
-    anon = _status_mb("RssAnon")
+    anon = status_mb("RssAnon")
     for b in q.epoch(0):
-        anon = max(anon, _status_mb("RssAnon"))
+        anon = max(anon, status_mb("RssAnon"))
         del b
-    return {"rows": rows, "base": base, "peak": _status_mb("VmHWM"), "anon": anon}
+    return {"rows": rows, "base": base, "peak": status_mb("VmHWM"), "anon": anon}
 
 
 def _run(spec: dict) -> dict:
-    p = subprocess.run([sys.executable, __file__, "--_worker", json.dumps(spec)], capture_output=True, text=True,
-                       timeout=600)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith(_TAG)]
-    if p.returncode != 0 or not lines:
-        raise SystemExit(f"{spec['role']}: failed:\n" + "\n".join((p.stdout + p.stderr).splitlines()[-20:]))
-    return json.loads(lines[-1][len(_TAG):])
+    return run_worker(__file__, spec, 600, spec["role"])
 
 
 def main() -> None:
@@ -82,7 +69,7 @@ def main() -> None:
     ap.add_argument("--_worker")
     args = ap.parse_args()
     if args._worker:
-        print(_TAG + json.dumps(_worker(json.loads(args._worker))), flush=True)
+        print(TAG + json.dumps(_worker(json.loads(args._worker))), flush=True)
         return
 
     from mike_ray.data.coco import PrepareConfig

@@ -38,7 +38,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,56 +45,15 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-_TAG = "@@RESULT "
+from _common import (PAPER_STUDENT, PAPER_TEACHER, TAG, TINY_STUDENT, TINY_TEACHER, make_teachers, run_worker,
+                     status_mb)
+
 BATCH = 64
 
-TINY_TEACHER = {"arch": "segmenter", "width": 8, "depth": 16, "expand_ratio": 3.0, "stem_stride": 2,
-                "num_downsamples": 2, "num_classes": 3}
-TINY_STUDENT = {"arch": "autoencoder", "width": 8, "embed_channels": 2, "expand_ratio": 3.0, "stem_stride": 2,
-                "num_downsamples": 2}
-PAPER_TEACHER = {"arch": "segmenter", "width": 16, "depth": 16, "expand_ratio": 6.0, "stem_stride": 1,
-                 "num_downsamples": 3, "num_classes": 3}
-PAPER_STUDENT = {"arch": "autoencoder", "width": 16, "depth": 8, "embed_channels": 2, "expand_ratio": 6.0,
-                 "stem_stride": 1, "num_downsamples": 3}
 
 
 # --------------------------------------------------------------------------------------------------
 # inside the worker processes
-
-
-def _status_mb(field: str) -> float:
-    """``VmHWM`` (peak) or ``VmRSS`` of this process, MB (per address space, unlike ru_maxrss)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _make_teachers(root: Path, n: int, spec: dict[str, Any]) -> None:
-    """``n`` untrained segmenters in the zoo's stored format under ``root/T000`` …"""
-    from dataclasses import asdict
-
-    import torch
-
-    from mike_ray.data.tasks import TASK_CODES, TASKS
-    from mike_ray.models import build_model, tap_names
-    from mike_ray.teachers.zoo import TeacherRecord
-
-    for i in range(n):
-        d = root / f"T{i:03d}"
-        if (d / "teacher.json").is_file():
-            continue
-        task = TASK_CODES[i % len(TASK_CODES)]  # the stored task only labels it; the benchmark masks by i
-        model = build_model({**spec, "seed": i})
-        classes = list(TASKS[task])
-        zeros = {c: 0.0 for c in classes}
-        rec = TeacherRecord(name=d.name, task=task, classes=classes, model=dict(spec),
-                            taps=tap_names(model, "blocks"), val_iou=zeros, val_miou=0.0, test_iou=zeros,
-                            test_miou=0.0, untrained_miou=0.0, chance_iou=zeros, data_hash="benchmark-untrained")
-        d.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, d / rec.weights)
-        (d / "teacher.json").write_text(json.dumps(asdict(rec), indent=1))
 
 
 def _full_batch_shard_class():
@@ -276,11 +234,11 @@ def _worker_mem(a: dict[str, Any]) -> dict[str, Any]:
     _ray_init(dev)
     case = _Case(Path(a["zoo"]), a["n"])
     student = _Student(a["student"], dev)
-    base = _status_mb("VmRSS")
+    base = status_mb("VmRSS")
     group = ShardGroup(case.refs, _placement(dev))
     for _ in range(a["warmup"] + 2):
         student.step(lambda x, xb, s: group.step(x, xb, case.task_ids(s), case.weights).grad)
-    return {"n": a["n"], "base_mb": base, "peak_mb": _status_mb("VmHWM"),
+    return {"n": a["n"], "base_mb": base, "peak_mb": status_mb("VmHWM"),
             "shard_peak_mb": ray.get([s.peak_rss_mb.remote() for s in group.shards]),
             "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if dev == "cuda" else None}
 
@@ -289,8 +247,12 @@ def _worker(a: dict[str, Any]) -> dict[str, Any]:
     if a["role"] == "make":
         import torch
 
+        from mike_ray.data.tasks import TASK_CODES
+
         torch.set_num_threads(1)
-        _make_teachers(Path(a["zoo"]), a["n"], a["teacher"])
+        # the stored task only labels a teacher; the benchmark masks teacher i to task i
+        make_teachers(Path(a["zoo"]), [(f"T{i:03d}", TASK_CODES[i % len(TASK_CODES)]) for i in range(a["n"])],
+                      a["teacher"])
         return {}
     return _worker_time(a) if a["role"] == "time" else _worker_mem(a)
 
@@ -300,19 +262,7 @@ def _worker(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    label = f"{spec['role']} {spec.get('n', spec.get('ns', ''))}"
-    t0 = time.perf_counter()
-    try:
-        p = subprocess.run([sys.executable, __file__, "--_worker", json.dumps(spec)], capture_output=True,
-                           text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    except subprocess.TimeoutExpired:
-        raise SystemExit(f"{label}: no result after {timeout:.0f}s (killed)") from None
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith(_TAG)]
-    if p.returncode != 0 or not lines:
-        tail = "\n".join((p.stdout + p.stderr).strip().splitlines()[-25:])
-        raise SystemExit(f"{label}: failed (exit {p.returncode}):\n{tail}")
-    print(f"  {label:<22} done in {time.perf_counter() - t0:5.1f}s", file=sys.stderr, flush=True)
-    return json.loads(lines[-1][len(_TAG):])
+    return run_worker(__file__, spec, timeout, f"{spec['role']} {spec.get('n', spec.get('ns', ''))}")
 
 
 def _table(ns: list[int], times: dict[str, float], mem: dict[int, dict[str, Any]]) -> None:
@@ -352,7 +302,7 @@ def main() -> None:
         except BaseException:
             traceback.print_exc()
             sys.exit(1)
-        print(_TAG + json.dumps(res), flush=True)
+        print(TAG + json.dumps(res), flush=True)
         return
 
     ns = args.teachers or ([1, 11, 100] if args.quick else [1, 3, 11, 33, 100])

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,58 +38,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-_TAG = "@@RESULT "
+from _common import (PAPER_STUDENT, PAPER_TEACHER, TAG, TINY_STUDENT, TINY_TEACHER, make_teachers, run_worker,
+                     status_mb)
 
-TINY_TEACHER = {"arch": "segmenter", "width": 8, "depth": 16, "expand_ratio": 3.0, "stem_stride": 2,
-                "num_downsamples": 2, "num_classes": 3}
-TINY_STUDENT = {"arch": "autoencoder", "width": 8, "embed_channels": 2, "expand_ratio": 3.0, "stem_stride": 2,
-                "num_downsamples": 2}
-# paper-sized (MIKE §4): width 16, 64→8→64, expansion 6, full resolution
-PAPER_TEACHER = {"arch": "segmenter", "width": 16, "depth": 16, "expand_ratio": 6.0, "stem_stride": 1,
-                 "num_downsamples": 3, "num_classes": 3}
-PAPER_STUDENT = {"arch": "autoencoder", "width": 16, "depth": 8, "embed_channels": 2, "expand_ratio": 6.0,
-                 "stem_stride": 1, "num_downsamples": 3}
 
 
 # --------------------------------------------------------------------------------------------------
 # helpers used inside the worker processes
-
-
-def _status_mb(field: str) -> float:
-    """``VmHWM`` (peak) or ``VmRSS`` (current) of this process, MB. Per address space, so unlike
-    ``ru_maxrss`` it cannot inherit the launching process's peak across fork/exec."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _make_teachers(root: Path, n: int, spec: dict[str, Any]) -> None:
-    """Write ``n`` untrained segmenters in the zoo's stored format under ``root/<TASK>``."""
-    from dataclasses import asdict
-
-    import torch
-
-    from mike_ray.data.tasks import TASK_CODES, TASKS
-    from mike_ray.models import build_model, tap_names
-    from mike_ray.teachers.zoo import TeacherRecord
-
-    if n > len(TASK_CODES):
-        raise SystemExit(f"--teachers: at most {len(TASK_CODES)} (one per task), got {n}")
-    for i in range(n):
-        task = TASK_CODES[i]
-        model = build_model({**spec, "seed": i})
-        classes = list(TASKS[task])
-        rec = TeacherRecord(name=task, task=task, classes=classes, model=dict(spec),
-                            taps=tap_names(model, "blocks"), val_iou={c: 0.0 for c in classes}, val_miou=0.0,
-                            test_iou={c: 0.0 for c in classes}, test_miou=0.0,
-                            untrained_miou=0.0, chance_iou={c: 0.0 for c in classes},
-                            data_hash="benchmark-untrained")
-        d = root / task
-        d.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, d / rec.weights)
-        (d / "teacher.json").write_text(json.dumps(asdict(rec), indent=1))
 
 
 class _Bench:
@@ -168,7 +122,11 @@ def _worker(a: dict[str, Any]) -> dict[str, Any]:
 
     if a["role"] == "make":
         torch.set_num_threads(1)
-        _make_teachers(Path(a["zoo"]), a["n"], a["teacher"])
+        from mike_ray.data.tasks import TASK_CODES
+
+        if a["n"] > len(TASK_CODES):
+            raise SystemExit(f"--teachers: at most {len(TASK_CODES)} (one per task), got {a['n']}")
+        make_teachers(Path(a["zoo"]), [(t, t) for t in TASK_CODES[:a["n"]]], a["teacher"])
         return {}
 
     from mike_ray.teachers.shard import PlacementConfig, ShardGroup
@@ -179,7 +137,7 @@ def _worker(a: dict[str, Any]) -> dict[str, Any]:
     warm, steps = a["warmup"], a["steps"]
 
     if a["role"] in ("local", "naive"):  # memory of one process doing everything, no Ray
-        out["base_mb"] = _status_mb("VmRSS")
+        out["base_mb"] = status_mb("VmRSS")
         if a["role"] == "local":
             group = ShardGroup(bench.refs, PlacementConfig(mode="local", teachers_per_shard="all", threads=2,
                                                            device="cpu"))
@@ -193,9 +151,9 @@ def _worker(a: dict[str, Any]) -> dict[str, Any]:
                 model, rec = load_teacher(Path(r.path), "cpu")
                 tapped.append(TappedModel(model, rec.taps).eval().requires_grad_(False))
             fn = lambda: bench.naive_step(tapped)  # noqa: E731
-        out["loaded_mb"] = _status_mb("VmRSS")
+        out["loaded_mb"] = status_mb("VmRSS")
         times = [fn() for _ in range(warm + a["mem_steps"])][warm:]
-        out["peak_mb"] = _status_mb("VmHWM")
+        out["peak_mb"] = status_mb("VmHWM")
         out["step_ms"] = _med(times)
         return out
 
@@ -205,14 +163,14 @@ def _worker(a: dict[str, Any]) -> dict[str, Any]:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              object_store_memory=256 * 1024 ** 2, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     try:
-        out["base_mb"] = _status_mb("VmRSS")
+        out["base_mb"] = status_mb("VmRSS")
         n = a["n"]
         two = PlacementConfig(mode="ray", teachers_per_shard=math.ceil(n / 2), cpus_per_shard=1.0, threads=1,
                               device="cpu")
         sharded = ShardGroup(bench.refs, two)
         out["shards"] = [len(g) for g in sharded.groups]
         res = [bench.step(sharded) for _ in range(warm + a["mem_steps"])][warm:]
-        out["peak_mb"] = _status_mb("VmHWM")  # before anything else runs in this process
+        out["peak_mb"] = status_mb("VmHWM")  # before anything else runs in this process
         out["shard_peak_mb"] = ray.get([s.peak_rss_mb.remote() for s in sharded.shards])
         out["alone_ms"] = _med([t for t, _ in res])
         if not a["time"]:
@@ -252,19 +210,7 @@ def _worker(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    label = f"{spec['role']} n={spec['n']}"
-    t0 = time.perf_counter()
-    try:
-        p = subprocess.run([sys.executable, __file__, "--_worker", json.dumps(spec)], capture_output=True,
-                           text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    except subprocess.TimeoutExpired:
-        raise SystemExit(f"{label}: no result after {timeout:.0f}s (killed)") from None
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith(_TAG)]
-    if p.returncode != 0 or not lines:
-        tail = "\n".join((p.stdout + p.stderr).strip().splitlines()[-25:])
-        raise SystemExit(f"{label}: failed (exit {p.returncode}):\n{tail}")
-    print(f"  {label:<12} done in {time.perf_counter() - t0:5.1f}s", file=sys.stderr, flush=True)
-    return json.loads(lines[-1][len(_TAG):])
+    return run_worker(__file__, spec, timeout, f"{spec['role']} n={spec['n']}")
 
 
 def _fmt(x: float | None, spec: str = ".0f") -> str:
@@ -299,7 +245,7 @@ def main() -> None:
         except BaseException:
             traceback.print_exc()
             sys.exit(1)
-        print(_TAG + json.dumps(res), flush=True)
+        print(TAG + json.dumps(res), flush=True)
         return
 
     few, many = args.mem_teachers
