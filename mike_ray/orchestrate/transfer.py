@@ -57,9 +57,10 @@ def teacher_refs(zoo_dir: Path, names: Sequence[str], imports: Sequence[str] = (
 def query_shares(data_root: str | Path, tasks: Sequence[str]) -> dict[int, float]:
     """Task id → its fraction of the query rows (train split of ``tasks``, from the manifest): the
     expected share of each task in a mixed batch, which weighs a teacher's work per step."""
-    from mike_ray.data.loaders import count_rows
+    from mike_ray.data.shards import read_manifest
 
-    rows = {t: count_rows(data_root, "train", [t]) for t in dict.fromkeys(tasks)}
+    man = read_manifest(data_root)  # counts only: the workers check the shards themselves
+    rows = {t: man.rows("train", t) for t in dict.fromkeys(tasks)}
     total = sum(rows.values()) or 1
     return {TASK_CODES.index(t): n / total for t, n in rows.items()}
 
@@ -90,8 +91,8 @@ def run_transfer(cfg: TransferConfig, teachers: Sequence[TeacherRef], data_root:
                               f"rows for tasks {', '.join(query_tasks)} ({workers.num_workers} trainer worker(s))")
     own_shards = shards is None and cfg.method == "mike"
     if own_shards:
-        shards = ShardGroup(teachers, placement, shares=query_shares(data_root, query_tasks),
-                            concurrency=workers.num_workers)
+        shares = query_shares(data_root, query_tasks) if placement.teachers_per_shard == "auto" else None
+        shards = ShardGroup(teachers, placement, shares=shares, concurrency=workers.num_workers)
     try:
         taps = shards.taps() if shards is not None else {}
         trainer = TorchTrainer(

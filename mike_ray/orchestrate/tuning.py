@@ -156,8 +156,9 @@ def trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             if tcfg.method == "mike":
                 refs = teacher_refs(Path(ctx["zoo_dir"]), teachers, import_archs(cfg.model_dump(mode="json")))
                 pg = ray.util.get_current_placement_group()
+                auto = cfg.resources.placement.teachers_per_shard == "auto"
                 shards = ShardGroup(refs, cfg.resources.placement, placement_group=pg, first_bundle=1,
-                                    shares=query_shares(ctx["data_root"], query),
+                                    shares=query_shares(ctx["data_root"], query) if auto else None,
                                     concurrency=cfg.resources.workers.num_workers)
                 run.params({"shards": shards.plan.replace("\n", " | ")})
             try:
