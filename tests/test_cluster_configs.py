@@ -323,6 +323,7 @@ def kuberay_problems(docs: list[dict]) -> list[str]:
             problems.append(f"Service {d['metadata']['name']} is of type {d['spec']['type']}")
         if kind in EXPOSING_KINDS:
             problems.append(f"{kind} {d.get('metadata', {}).get('name')} exposes the cluster")
+    problems += _network_policy_problems(docs)
     for d in docs:
         for container in _all_containers(d):
             for env in container.get("env", []):
@@ -333,6 +334,30 @@ def kuberay_problems(docs: list[dict]) -> list[str]:
     for s in strings_in(docs):
         if HEX_TOKEN.search(s):
             problems.append("a hard-coded token-like hex string found")
+    return problems
+
+
+def _network_policy_problems(docs: list[dict]) -> list[str]:
+    """The MLflow server listens on 0.0.0.0 inside its pod (a Service needs that) and has no
+    authentication: a NetworkPolicy must select its pod and admit only pods of the namespace."""
+    problems = []
+    policies = [d for d in docs if d.get("kind") == "NetworkPolicy"]
+    for d in docs:
+        if d.get("kind") not in ("Deployment", "StatefulSet"):
+            continue
+        name = d.get("metadata", {}).get("name")
+        labels = d.get("spec", {}).get("template", {}).get("metadata", {}).get("labels", {})
+        covering = [p for p in policies
+                    if "Ingress" in p.get("spec", {}).get("policyTypes", [])
+                    and (p["spec"].get("podSelector", {}).get("matchLabels", {}).items() <= labels.items())]
+        if not covering:
+            problems.append(f"no NetworkPolicy selects the pods of {d['kind']} {name}")
+        for p in covering:
+            for rule in p["spec"].get("ingress", []):
+                sources = rule.get("from")
+                if not sources or any(set(src) != {"podSelector"} for src in sources):
+                    problems.append(f"NetworkPolicy {p['metadata']['name']} admits sources outside the namespace "
+                                    f"to {name}: {rule}")
     return problems
 
 
@@ -615,3 +640,29 @@ def test_kuberay_check_catches_broken_copy(breakage):
     problems = kuberay_problems(docs)
     assert problems, f"{breakage} was not caught"
     assert any(expected in p for p in problems), problems
+
+
+# The class-8 catalogue (tests/bad_inputs/cluster/): each file is a textual patch of a shipped config
+# that a careless edit could make; the checks above must name what it breaks.
+BAD_CLUSTER = sorted((REPO / "tests" / "bad_inputs" / "cluster").glob("*.yaml"))
+
+
+def test_cluster_catalogue_covers_every_shipped_config():
+    bases = {yaml.safe_load(p.read_text())["base"] for p in BAD_CLUSTER}
+    assert bases == set(LAUNCHER_CONFIGS) | {KUBERAY_MANIFEST.name}, bases
+    assert len(BAD_CLUSTER) >= 3
+
+
+@pytest.mark.parametrize("entry", BAD_CLUSTER, ids=[p.stem for p in BAD_CLUSTER])
+def test_cluster_catalogue_entry_is_caught(entry):
+    spec = yaml.safe_load(entry.read_text())
+    assert set(spec) == {"base", "replace", "expect"}, entry
+    text = (CLUSTER / spec["base"]).read_text()
+    for r in spec["replace"]:
+        assert r["old"] in text, f"{entry.name}: {r['old']!r} is no longer in {spec['base']} (update the entry)"
+        text = text.replace(r["old"], r["new"])
+    if spec["base"] == KUBERAY_MANIFEST.name:
+        problems = kuberay_problems([d for d in yaml.safe_load_all(text) if d is not None])
+    else:
+        problems = launcher_problems(yaml.safe_load(text))
+    assert any(spec["expect"] in p for p in problems), (entry.name, problems)

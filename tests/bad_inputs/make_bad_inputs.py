@@ -470,7 +470,7 @@ def readme(generated_root: Path) -> str:
         "`python -m mike_ray.check PATH` (and the pipeline commands that read them) turn into exit",
         "status 2 and that one line on stderr. `sweeps/` holds the sweep-file catalogue",
         "(tests/test_sweep_config.py; each file's first line says what it expects). The rest is",
-        "listed below and tested by tests/test_bad_inputs.py.",
+        "listed below and tested by tests/test_bad_inputs.py; the last three sections are command\nlines and damaged outputs (`commands.yaml`) and broken cluster-config copies (`cluster/`).",
         "",
         "Entries marked *generated* are binary or must agree with a real prepared dataset: the",
         "test session writes them with `make_bad_inputs.py` (deterministic; `python",
@@ -496,7 +496,40 @@ def readme(generated_root: Path) -> str:
             gen = " *(generated)*" if e.generated else ""
             lines.append(f"| `{e.fmt}/{e.name}`{gen} | {e.what} | `{e.api}` → `{e.error}` | `{msg}` |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + _command_and_cluster_sections())
+
+
+def _command_and_cluster_sections() -> list[str]:
+    """The two catalogues that are not files for ``check``: data-CLI command lines and damaged
+    outputs (``commands.yaml``, tests/test_bad_commands.py) and broken cluster-config copies
+    (``cluster/``, tests/test_cluster_configs.py)."""
+    import yaml
+
+    commands = yaml.safe_load((HERE / "commands.yaml").read_text())
+    lines = []
+    for cls, title in (("cli", "data CLI arguments (issue 12 class 6)"),
+                       ("reuse", "damaged outputs re-used (issue 12 class 7)")):
+        entries = commands[cls]
+        lines += [f"## commands.yaml: {title} ({len(entries)})", "",
+                  "| entry | what is wrong | `python -m mike_ray.data …` | expected |", "|---|---|---|---|"]
+        for e in entries:
+            want = f"exit 2, one line containing `{e['error']}`" if "error" in e else \
+                "exit 0, the dataset rebuilt to its original content hash"
+            damage = "; ".join(f"{k} {v}" for k, v in e.get("damage", {}).items())
+            what = e["what"] + (f" ({damage})" if damage else "")
+            lines.append(f"| `{e['name']}` | {what} | `{' '.join(e['argv'])}` | {want} |".replace("|", "|"))
+        lines.append("")
+    patches = sorted((HERE / "cluster").glob("*.yaml"))
+    lines += [f"## cluster: broken copies of the shipped cluster configs (issue 12 class 8) ({len(patches)})", "",
+              "Each file patches `cluster/<base>` textually; the checks in tests/test_cluster_configs.py must",
+              "report a problem containing `expect`.", "",
+              "| entry | what is wrong | base | the check reports |", "|---|---|---|---|"]
+    for p in patches:
+        spec = yaml.safe_load(p.read_text())
+        what = p.read_text().splitlines()[0].lstrip("# ")
+        lines.append(f"| `cluster/{p.name}` | {what} | `{spec['base']}` | `{spec['expect']}` |")
+    lines.append("")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
