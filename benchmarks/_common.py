@@ -43,7 +43,7 @@ def make_teachers(root: Path, teachers: Sequence[tuple[str, str]], spec: dict[st
 
     from mike_ray.data.tasks import TASKS
     from mike_ray.models import build_model, tap_names
-    from mike_ray.teachers.zoo import TeacherRecord
+    from mike_ray.mike.zoo import TeacherRecord
 
     for i, (name, task) in enumerate(teachers):
         d = root / name

@@ -14,11 +14,11 @@ format (compute and memory do not depend on the weights' values), 18 taps each, 
 
 Variants, all stepping the same student on the same batches:
 
-(a) ``ours``: ``ShardGroup`` on 2 Ray actor shards (1 CPU, 1 torch thread each;
+(a) ``ours``: ``MikeShardPool`` on 2 Ray actor shards (1 CPU, 1 torch thread each;
     ``teachers_per_shard: auto``): each teacher runs on its own rows only (gathered), an absent
     teacher does nothing.
 (b) ``full-batch``: the shard step before the gather (every teacher on the whole batch, the loss
-    masked afterwards) — the same 2 shards, written here as a ``TeacherShard`` subclass.
+    masked afterwards) — the same 2 shards, written here as a ``MikeShard`` subclass.
 (c) ``peer``: the step written by hand in one process (what a user writes without mike_ray): every
     teacher on the whole batch, every teacher's graph alive until one backward, 2 torch threads (the
     same threads as 2 shards × 1). Run for N ≤ 11 (its memory grows with N: at 100 it does not fit).
@@ -62,9 +62,9 @@ def _full_batch_shard_class():
     import torch
 
     from mike_ray.mike.loss import task_mask, teacher_loss
-    from mike_ray.teachers.shard import ShardOutput, TeacherShard
+    from mike_ray.mike.shard import ShardOutput, MikeShard
 
-    class FullBatchShard(TeacherShard):
+    class FullBatchShard(MikeShard):
         def step(self, x, xbar, task_ids, weights, masking=True, need_grad=True):
             t0 = time.perf_counter()
             x, xbar = x.to(self.device), xbar.to(self.device).detach().requires_grad_(True)
@@ -88,8 +88,8 @@ class _Case:
     """One teacher count: its refs, uniform weights and the batches (same for every variant)."""
 
     def __init__(self, zoo: Path, n: int):
-        from mike_ray.teachers.shard import TeacherRef
-        from mike_ray.teachers.zoo import read_teacher
+        from mike_ray.mike.shard import TeacherRef
+        from mike_ray.mike.zoo import read_teacher
 
         self.n = n
         self.refs = [TeacherRef(name=f"T{i:03d}", path=str(zoo / f"T{i:03d}"), task_id=i) for i in range(n)]
@@ -136,7 +136,7 @@ def _peer_fn(case: _Case, device: str):
 
     from mike_ray.mike.loss import task_mask, teacher_loss
     from mike_ray.models import TappedModel
-    from mike_ray.teachers.zoo import load_teacher
+    from mike_ray.mike.zoo import load_teacher
 
     tapped = []
     for r in case.refs:
@@ -159,7 +159,7 @@ def _peer_fn(case: _Case, device: str):
 
 
 def _placement(device: str, num_shards: int = 2):
-    from mike_ray.teachers.shard import PlacementConfig
+    from mike_ray.resources import PlacementConfig
 
     return PlacementConfig(mode="ray", teachers_per_shard="auto", num_shards=num_shards, cpus_per_shard=1.0,
                            gpus_per_shard=0.0, threads=1, device=device)
@@ -177,7 +177,8 @@ def _worker_time(a: dict[str, Any]) -> dict[str, Any]:
     """Every variant of every N in this one process, stepped round-robin."""
     import torch
 
-    from mike_ray.teachers.shard import ShardGroup, call_shards, partition, start_shard_actors
+    from mike_ray.pool import call_shards, partition, start_shard_actors
+    from mike_ray.mike.shard import MikeShardPool
 
     torch.set_num_threads(2)
     dev = a["device"]
@@ -188,7 +189,7 @@ def _worker_time(a: dict[str, Any]) -> dict[str, Any]:
     FullBatchShard = _full_batch_shard_class()
     for n in a["ns"]:
         case = _Case(zoo, n)
-        ours = ShardGroup(case.refs, _placement(dev))
+        ours = MikeShardPool(case.refs, _placement(dev))
         plans[n] = ours.plan
         variants[f"ours/{n}"] = (lambda c, g: lambda x, xb, s: g.step(x, xb, c.task_ids(s), c.weights).grad)(case, ours)
         if n in a["unmasked"]:
@@ -227,7 +228,7 @@ def _worker_mem(a: dict[str, Any]) -> dict[str, Any]:
     import ray
     import torch
 
-    from mike_ray.teachers.shard import ShardGroup
+    from mike_ray.mike.shard import MikeShardPool
 
     torch.set_num_threads(2)
     dev = a["device"]
@@ -235,7 +236,7 @@ def _worker_mem(a: dict[str, Any]) -> dict[str, Any]:
     case = _Case(Path(a["zoo"]), a["n"])
     student = _Student(a["student"], dev)
     base = status_mb("VmRSS")
-    group = ShardGroup(case.refs, _placement(dev))
+    group = MikeShardPool(case.refs, _placement(dev))
     for _ in range(a["warmup"] + 2):
         student.step(lambda x, xb, s: group.step(x, xb, case.task_ids(s), case.weights).grad)
     return {"n": a["n"], "base_mb": base, "peak_mb": status_mb("VmHWM"),

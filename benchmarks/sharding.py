@@ -3,7 +3,7 @@
     python benchmarks/sharding.py [--teachers 3 11] [--mem-teachers 1 11] [--steps 8] [--steps1 3]
                                   [--mem-steps 2] [--warmup 2] [--batch 32] [--paper]
 
-A step is one MIKE training step: autoencoder forward → ``ShardGroup.step(x, x̄, task_ids, uniform
+A step is one MIKE training step: autoencoder forward → ``MikeShardPool.step(x, x̄, task_ids, uniform
 weights)`` → ``x̄.backward(Σ grads)`` → Adam step, on a batch of random 3×64×64 images whose task ids are
 spread over the teachers. The teachers are untrained segmenters written in the zoo's stored format
 (``weights.pt`` + ``teacher.json``) to a temporary directory, so the shards load them with
@@ -17,7 +17,7 @@ Prints:
     alternating step by step, so background load on the machine hits both alike. Also 1 shard
     (1 CPU, 1 thread) ÷ one process with 1 thread: the bare cost of going through Ray.
 (b) peak resident memory (VmHWM) for 1 and 11 teachers, each in a fresh process: the student
-    process with sharded teachers, each shard actor (``TeacherShard.peak_rss_mb``), the same step
+    process with sharded teachers, each shard actor (``MikeShard.peak_rss_mb``), the same step
     in one process with the teachers run one after another (``local``, each teacher's graph freed
     before the next), and a naive single process that keeps every teacher's graph alive (sum of
     all teachers' losses, one backward).
@@ -55,8 +55,8 @@ class _Bench:
 
         from mike_ray.data.tasks import TASK_CODES
         from mike_ray.models import build_model
-        from mike_ray.teachers.shard import TeacherRef
-        from mike_ray.teachers.zoo import read_teacher
+        from mike_ray.mike.shard import TeacherRef
+        from mike_ray.mike.zoo import read_teacher
 
         n, batch = a["n"], a["batch"]
         gen = torch.Generator().manual_seed(0)
@@ -129,7 +129,8 @@ def _worker(a: dict[str, Any]) -> dict[str, Any]:
         make_teachers(Path(a["zoo"]), [(t, t) for t in TASK_CODES[:a["n"]]], a["teacher"])
         return {}
 
-    from mike_ray.teachers.shard import PlacementConfig, ShardGroup
+    from mike_ray.resources import PlacementConfig
+    from mike_ray.mike.shard import MikeShardPool
 
     torch.set_num_threads(2)  # the student process has the machine's 2 cores
     bench = _Bench(a)
@@ -139,12 +140,12 @@ def _worker(a: dict[str, Any]) -> dict[str, Any]:
     if a["role"] in ("local", "naive"):  # memory of one process doing everything, no Ray
         out["base_mb"] = status_mb("VmRSS")
         if a["role"] == "local":
-            group = ShardGroup(bench.refs, PlacementConfig(mode="local", teachers_per_shard="all", threads=2,
+            group = MikeShardPool(bench.refs, PlacementConfig(mode="local", teachers_per_shard="all", threads=2,
                                                            device="cpu"))
             fn = lambda: bench.step(group)[0]  # noqa: E731
         else:
             from mike_ray.models import TappedModel
-            from mike_ray.teachers.zoo import load_teacher
+            from mike_ray.mike.zoo import load_teacher
 
             tapped = []
             for r in bench.refs:
@@ -167,7 +168,7 @@ def _worker(a: dict[str, Any]) -> dict[str, Any]:
         n = a["n"]
         two = PlacementConfig(mode="ray", teachers_per_shard=math.ceil(n / 2), cpus_per_shard=1.0, threads=1,
                               device="cpu")
-        sharded = ShardGroup(bench.refs, two)
+        sharded = MikeShardPool(bench.refs, two)
         out["shards"] = [len(g) for g in sharded.groups]
         res = [bench.step(sharded) for _ in range(warm + a["mem_steps"])][warm:]
         out["peak_mb"] = status_mb("VmHWM")  # before anything else runs in this process
@@ -177,7 +178,7 @@ def _worker(a: dict[str, Any]) -> dict[str, Any]:
             return out
 
         # (a) 2 shards × 1 thread vs one process with 2 threads, alternating step by step
-        local = ShardGroup(bench.refs, PlacementConfig(mode="local", teachers_per_shard="all", threads=2,
+        local = MikeShardPool(bench.refs, PlacementConfig(mode="local", teachers_per_shard="all", threads=2,
                                                        device="cpu"))
         torch.set_num_threads(2)
         for _ in range(warm):  # the sharded group is warm already
@@ -191,7 +192,7 @@ def _worker(a: dict[str, Any]) -> dict[str, Any]:
         rounds1 = a["steps1"]
         if rounds1:
             sharded.shutdown()
-            one = ShardGroup(bench.refs, PlacementConfig(mode="ray", teachers_per_shard="all", cpus_per_shard=1.0,
+            one = MikeShardPool(bench.refs, PlacementConfig(mode="ray", teachers_per_shard="all", cpus_per_shard=1.0,
                                                          threads=1, device="cpu"))
             torch.set_num_threads(1)
             bench.step(one)

@@ -162,7 +162,7 @@ def _weights(path: Path, model: dict[str, Any] | None = None, **_: Any) -> str:
     from mike_ray.models.registry import check_state_dict, load_torch_file
 
     if model is None and (path.parent / "teacher.json").is_file():
-        from mike_ray.teachers.zoo import read_teacher
+        from mike_ray.mike.zoo import read_teacher
 
         _teacher_json_is_text(path.parent)
         rec = read_teacher(path.parent)
@@ -205,7 +205,7 @@ def _teacher_json_is_text(teacher_dir: Path) -> None:
 
 
 def _teacher(path: Path, **_: Any) -> str:
-    from mike_ray.teachers.zoo import load_teacher
+    from mike_ray.mike.zoo import load_teacher
 
     root = path.parent if path.is_file() else path
     _teacher_json_is_text(root)

@@ -8,7 +8,6 @@ full defaults, so a sweep file is a small diff on top of them (DINOv2-style).
 from __future__ import annotations
 
 import difflib
-import math
 import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -21,13 +20,12 @@ from mike_ray.data.coco import PrepareConfig
 from mike_ray.data.tasks import TASK_CODES, TASKS
 from mike_ray.errors import ConfigError
 from mike_ray.mike.downstream import DownstreamConfig
-from mike_ray.mhgd.train import METHODS as MHGD_METHODS
-from mike_ray.mhgd.train import MHGDConfig
+from mike_ray.mhgd.config import METHODS as MHGD_METHODS
+from mike_ray.mhgd.config import MHGDConfig
 from mike_ray.mhgd.zoo import ClassifierZooConfig
 from mike_ray.mike.train import TransferConfig
-from mike_ray.orchestrate.transfer import WorkersConfig
-from mike_ray.teachers.shard import PlacementConfig
-from mike_ray.teachers.zoo import ZooConfig
+from mike_ray.resources import PlacementConfig, WorkersConfig
+from mike_ray.mike.zoo import ZooConfig
 
 
 class GenerateConfig(StrictModel):

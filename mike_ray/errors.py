@@ -59,3 +59,27 @@ def cli_main(fn: F) -> F:
             raise SystemExit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def find_cause(err: BaseException) -> MikeRayError | None:
+    """Walk an exception chain (Ray wraps worker errors) for one of our typed errors; return it as a
+    plain instance of its mike_ray class with a one-line message (Ray's wrappers add tracebacks)."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, MikeRayError):
+            cls = next(c for c in type(e).__mro__ if c.__module__ == "mike_ray.errors")
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            msg = lines[-1] if lines else cls.__name__
+            for prefix in (f"{cls.__module__}.{cls.__name__}: ", f"{cls.__name__}: "):
+                msg = msg.removeprefix(prefix)
+            return cls(one_line(msg))
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, dict):
+            stack += list(failures.values())
+    return None

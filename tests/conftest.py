@@ -51,7 +51,7 @@ def tiny_prepared(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_zoo(tiny_prepared, ray_local, tmp_path_factory) -> Path:
     """Three tiny teachers trained for one epoch as real Ray tasks (stored like any zoo)."""
-    from mike_ray.teachers.zoo import ZooConfig, build_zoo
+    from mike_ray.mike.zoo import ZooConfig, build_zoo
 
     cfg = ZooConfig(tasks=TINY_TASKS, model=TINY_SEGMENTER, cpus_per_teacher=0.5,
                     train={"epochs": 1, "max_train_samples": 64, "batch_size": 32})
@@ -140,7 +140,7 @@ def check_score_metrics(metrics: dict[str, float], zoo_dir: Path, tasks: list[st
     smoke teachers trained for one epoch often are not), and the mean whenever one task has it."""
     import math
 
-    from mike_ray.teachers.zoo import read_zoo
+    from mike_ray.mike.zoo import read_zoo
 
     ref = {r.task: r.reference_iou() for r in read_zoo(zoo_dir).values()}
     assert "score/mean_iou" in metrics and any(f"iou/val/{t}" in metrics for t in tasks), sorted(metrics)

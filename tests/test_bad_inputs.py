@@ -34,7 +34,7 @@ from mike_ray.errors import MikeRayError
 from mike_ray.mike.train import load_checkpoint
 from mike_ray.models import build_model, load_weights
 from mike_ray.models.registry import load_torch_file
-from mike_ray.teachers.zoo import load_teacher
+from mike_ray.mike.zoo import load_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 BAD_DIR = REPO / "tests" / "bad_inputs"

@@ -56,7 +56,7 @@ def test_train_downstream_scores_both_held_out_splits(tiny_prepared) -> None:
 
 
 def test_a_teacher_not_above_chance_does_not_normalise_its_task() -> None:
-    from mike_ray.teachers.zoo import TeacherRecord
+    from mike_ray.mike.zoo import TeacherRecord
 
     def rec(val: float, test: float) -> TeacherRecord:
         return TeacherRecord(name="CTB", task="CTB", classes=["car", "truck", "bus"], model={}, taps=[],

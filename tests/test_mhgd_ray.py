@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from mike_ray.data.classification import ClassificationData, load_splits
-from mike_ray.mhgd.shard import ShardTeachers
-from mike_ray.mhgd.train import LocalTeachers, MHGDConfig, frozen_teacher, run_method
+from mike_ray.mhgd.shard import MHGDShardPool
+from mike_ray.mhgd.config import MHGDConfig
+from mike_ray.mhgd.teachers import LocalTeachers, frozen_teacher
+from mike_ray.mhgd.train import run_method
 from mike_ray.mhgd.zoo import ClassifierZooConfig, build_classifier_zoo, load_classifier, read_classifier_zoo
 from mike_ray.orchestrate.classify import classifier_refs, run_mhgd
-from mike_ray.orchestrate.transfer import WorkersConfig
-from mike_ray.teachers.shard import PlacementConfig
+from mike_ray.resources import PlacementConfig, WorkersConfig
 from mike_ray.tracking import Tracking
 
 pytestmark = pytest.mark.slow
@@ -69,7 +70,7 @@ def test_shards_return_the_same_targets_as_local_teachers(zoo, method) -> None:
     cfg = MHGDConfig(**RUN, method=method)
     refs = classifier_refs(zoo_dir, ["resnet8", "wrn10"])
     local = LocalTeachers([frozen_teacher(cfg, load_classifier(Path(r.path))[0]) for r in refs])
-    shards = ShardTeachers(refs, cfg, PlacementConfig(mode="ray", teachers_per_shard=1, cpus_per_shard=0.25,
+    shards = MHGDShardPool(refs, cfg, PlacementConfig(mode="ray", teachers_per_shard=1, cpus_per_shard=0.25,
                                                       device="cpu"))
     try:
         x = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
@@ -95,7 +96,7 @@ def test_two_teachers_on_shards_train_like_two_teachers_in_process(zoo, data) ->
     refs = classifier_refs(zoo_dir, ["resnet8", "wrn10"])
     models = [load_classifier(Path(r.path))[0] for r in refs]
     local = run_method(cfg, models, train, val)
-    shards = ShardTeachers(refs, cfg, PlacementConfig(mode="ray", teachers_per_shard="all", cpus_per_shard=0.25,
+    shards = MHGDShardPool(refs, cfg, PlacementConfig(mode="ray", teachers_per_shard="all", cpus_per_shard=0.25,
                                                       device="cpu"))
     try:
         remote = run_method(cfg, shards, train, val)

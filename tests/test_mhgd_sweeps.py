@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mike_ray.config import load_sweep
-from mike_ray.mhgd.train import METHODS
+from mike_ray.mhgd.config import METHODS
 from mike_ray.orchestrate.driver import run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,12 +11,20 @@ import torch.nn.functional as F
 from mike_ray.data.classification import ClassificationDataset
 from mike_ray.errors import ConfigError, ModelError
 from mike_ray.mhgd.functional import stable_sigmoid
-from mike_ray.mhgd.train import (METHODS, FrozenTeacher, MHGDConfig, clipped_multitask_grads, evaluate,
-                                 mhgd_transfer_loss, run_method, teacher_outputs, teacher_targets, train_heads,
-                                 train_teacher_classifier)
+from mike_ray.mhgd.config import METHODS, MHGDConfig
+from mike_ray.mhgd.loss import clipped_multitask_grads, mhgd_transfer_loss
+from mike_ray.mhgd.teachers import FrozenTeacher, LocalTeachers, teacher_outputs, teacher_targets
+from mike_ray.mhgd.train import evaluate, run_method, train_teacher_classifier, train_teacher_heads
 from mike_ray.models import TappedModel, build_model
 
 torch.set_num_threads(1)
+
+
+def train_heads(cfg: MHGDConfig, frozen: FrozenTeacher, train_ds):
+    """Phase 1 for one teacher: (its heads, the phase-1 history)."""
+    history: list[dict[str, float]] = []
+    heads = train_teacher_heads(cfg, LocalTeachers([frozen]), train_ds, torch.device("cpu"), None, history)
+    return heads[0], history
 
 POINTS = ["stage1", "stage2", "stage3"]
 # teacher: ResNet-8 (8, 16, 32); student: WRN-10 with the same widths — a different architecture

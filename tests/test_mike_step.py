@@ -15,7 +15,8 @@ from mike_ray.mike.schedules import ScheduleConfig, make_schedule
 from mike_ray.mike.train import transfer_step
 from mike_ray.models import build_model
 from mike_ray.orchestrate.transfer import teacher_refs
-from mike_ray.teachers.shard import PlacementConfig, ShardGroup
+from mike_ray.resources import PlacementConfig
+from mike_ray.mike.shard import MikeShardPool
 from test_shards import reference_loss
 
 
@@ -23,7 +24,7 @@ from test_shards import reference_loss
 @pytest.mark.parametrize("tasks", [["DCH", "CTB", "PHB", "DCH", "CTB", "BCV"],   # every teacher present
                                    ["DCH", "DCH", "CTB", "BCV", "CTB", "DCH"]])  # PHB absent
 def test_one_loop_step_moves_the_parameters_exactly_as_in_process_autograd(tiny_zoo, pixel_weight, tasks) -> None:
-    group = ShardGroup(teacher_refs(tiny_zoo, TINY_TASKS), PlacementConfig(mode="local", device="cpu"),
+    group = MikeShardPool(teacher_refs(tiny_zoo, TINY_TASKS), PlacementConfig(mode="local", device="cpu"),
                        dtype=torch.float64)
     torch.manual_seed(0)
     ae = build_model(TINY_AE).double().eval()  # BN in eval: both paths see the same statistics
@@ -56,7 +57,7 @@ def _adaptive_rank(rank: int, world: int, init: str, sync: bool, out) -> None:
     import torch.distributed as dist
 
     from mike_ray.mike.train import global_terms
-    from mike_ray.teachers.shard import StepResult
+    from mike_ray.mike.shard import StepResult
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     taps = {"A": ["l1", "l2"], "B": ["l1", "l2"]}

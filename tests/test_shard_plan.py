@@ -12,16 +12,9 @@ from hypothesis import strategies as st
 from conftest import TINY_SEGMENTER, TINY_TASKS
 from mike_ray.data.tasks import TASK_CODES
 from mike_ray.orchestrate.transfer import query_shares, teacher_refs
-from mike_ray.teachers.shard import (
-    PlacementConfig,
-    ShardGroup,
-    TeacherShard,
-    expected_work,
-    forward_flops,
-    partition,
-    shard_count,
-    start_shard_actors,
-)
+from mike_ray.pool import forward_flops, partition, shard_count, start_shard_actors
+from mike_ray.resources import PlacementConfig
+from mike_ray.mike.shard import MikeShardPool, MikeShard, expected_work
 
 
 @settings(max_examples=200, deadline=None)
@@ -73,7 +66,7 @@ def test_expected_work_is_task_share_times_forward_flops(tiny_zoo, tiny_prepared
     work = expected_work(refs, shares)
     for ref, w in zip(refs, work):
         assert math.isclose(w, shares[ref.task_id] * flops, rel_tol=1e-9)
-    group = ShardGroup(refs, PlacementConfig(mode="local", teachers_per_shard="auto", num_shards=2, device="cpu"),
+    group = MikeShardPool(refs, PlacementConfig(mode="local", teachers_per_shard="auto", num_shards=2, device="cpu"),
                        shares=shares)
     assert len(group.groups) == 2 and group.work == work
     assert group.plan.count("of the work") == 2
@@ -85,7 +78,7 @@ def test_a_shard_serves_several_callers_at_once(tiny_zoo, ray_local) -> None:
     concurrency 1 the second call cannot start while the first waits, and the barrier breaks."""
     refs = teacher_refs(tiny_zoo, TINY_TASKS)
 
-    class Rendezvous(TeacherShard):
+    class Rendezvous(MikeShard):
         def __init__(self, teachers, device: str, threads: int, wait_s: float):
             super().__init__(teachers, device, threads)
             self.barrier = threading.Barrier(2, timeout=wait_s)

@@ -14,10 +14,11 @@ from mike_ray.mike.loss import task_mask, teacher_loss
 from mike_ray.mike.schedules import ScheduleConfig, make_schedule
 from mike_ray.models import build_model
 from mike_ray.models.taps import TappedModel
-from mike_ray.orchestrate.transfer import WorkersConfig, run_transfer, teacher_refs
+from mike_ray.resources import PlacementConfig, WorkersConfig
+from mike_ray.orchestrate.transfer import run_transfer, teacher_refs
 from mike_ray.mike.train import TransferConfig
-from mike_ray.teachers.shard import PlacementConfig, ShardGroup
-from mike_ray.teachers.zoo import load_teacher
+from mike_ray.mike.shard import MikeShardPool
+from mike_ray.mike.zoo import load_teacher
 
 
 def _batch(seed: int = 0):
@@ -54,7 +55,7 @@ def _reference_grads(zoo: Path, ae: torch.nn.Module, x, task_ids, weights) -> li
 def test_gradients_through_shards_equal_in_process_autograd(tiny_zoo, ray_local, mode) -> None:
     refs = teacher_refs(tiny_zoo, TINY_TASKS)
     placement = PlacementConfig(mode=mode, teachers_per_shard=2, cpus_per_shard=0.5, device="cpu")
-    group = ShardGroup(refs, placement, dtype=torch.float64)
+    group = MikeShardPool(refs, placement, dtype=torch.float64)
     try:
         torch.manual_seed(0)
         ae = build_model(TINY_AE).double()
@@ -79,7 +80,7 @@ def test_gradients_through_shards_equal_in_process_autograd(tiny_zoo, ray_local,
 
 
 def test_masking_changes_the_gradient(tiny_zoo, ray_local) -> None:
-    group = ShardGroup(teacher_refs(tiny_zoo, TINY_TASKS), PlacementConfig(mode="local", device="cpu"),
+    group = MikeShardPool(teacher_refs(tiny_zoo, TINY_TASKS), PlacementConfig(mode="local", device="cpu"),
                        dtype=torch.float64)
     torch.manual_seed(0)
     ae = build_model(TINY_AE).double().eval()
@@ -98,7 +99,7 @@ def test_masking_changes_the_gradient(tiny_zoo, ray_local) -> None:
 @pytest.mark.slow
 def test_a_killed_shard_is_restarted_and_its_step_retried(tiny_zoo, tiny_prepared, ray_local, tmp_path) -> None:
     placement = PlacementConfig(mode="ray", teachers_per_shard=2, cpus_per_shard=0.5, device="cpu")
-    group = ShardGroup(teacher_refs(tiny_zoo, ["DCH", "CTB"]), placement)
+    group = MikeShardPool(teacher_refs(tiny_zoo, ["DCH", "CTB"]), placement)
     cfg = TransferConfig(model=TINY_AE, epochs=3, batch_size=8, val_batches=1, device="cpu")
     storage, name = tmp_path / "runs", "kill-shard"
     seen: dict = {}
@@ -106,12 +107,12 @@ def test_a_killed_shard_is_restarted_and_its_step_retried(tiny_zoo, tiny_prepare
 
     def killer() -> None:
         # after the first checkpoint, SIGKILL the shard while it computes a step (its process title is
-        # "ray::TeacherShard.step" only then): between two calls a restart would go unnoticed
+        # "ray::MikeShard.step" only then): between two calls a restart would go unnoticed
         deadline = time.time() + 120
         while time.time() < deadline and not stop.is_set() and not registered_checkpoints(storage / name):
             time.sleep(0.05)
         while time.time() < deadline and not stop.is_set():
-            if kill_processes("ray::TeacherShard.step", seen, "killed", first_only=True):
+            if kill_processes("ray::MikeShard.step", seen, "killed", first_only=True):
                 return
             time.sleep(0.01)
 
@@ -137,7 +138,7 @@ def test_a_shard_that_cannot_come_back_fails_the_step_with_one_line(tiny_zoo, ra
     from mike_ray.errors import TrainingError
 
     placement = PlacementConfig(mode="ray", teachers_per_shard=2, cpus_per_shard=0.5, device="cpu", max_restarts=0)
-    group = ShardGroup(teacher_refs(tiny_zoo, ["DCH", "CTB"]), placement)
+    group = MikeShardPool(teacher_refs(tiny_zoo, ["DCH", "CTB"]), placement)
     x, task_ids = _batch()
     w = {"DCH": {"head": 1.0}, "CTB": {"head": 1.0}}
     try:
@@ -172,7 +173,7 @@ def _xbar_grad(zoo: Path, x, xbar, task_ids, weights, masking=True):
 def test_a_step_on_gathered_rows_equals_the_full_batch_step(tiny_zoo, masking) -> None:
     """Each teacher runs on its own rows only (and not at all when absent): loss and ∂/∂x̄ equal the
     full-batch computation of eq. 1 in float64 to 1e-12; unmasked, every teacher sees every row."""
-    group = ShardGroup(teacher_refs(tiny_zoo, TINY_TASKS), PlacementConfig(mode="local", device="cpu"),
+    group = MikeShardPool(teacher_refs(tiny_zoo, TINY_TASKS), PlacementConfig(mode="local", device="cpu"),
                        dtype=torch.float64)
     x, xbar, task_ids = _mixed_batch()
     weights = make_schedule(ScheduleConfig(name="uniform"), group.taps()).weights(0.5).teachers
@@ -193,7 +194,7 @@ def test_a_step_on_gathered_rows_equals_the_full_batch_step(tiny_zoo, masking) -
 def test_a_teacher_stops_at_its_deepest_weighted_tap_exactly(tiny_zoo) -> None:
     """Layerwise progressive early on puts each teacher's weight on its first taps: the shard's
     forwards stop there (the last block never runs), and loss and ∂/∂x̄ equal the full forward's."""
-    group = ShardGroup(teacher_refs(tiny_zoo, TINY_TASKS), PlacementConfig(mode="local", device="cpu"),
+    group = MikeShardPool(teacher_refs(tiny_zoo, TINY_TASKS), PlacementConfig(mode="local", device="cpu"),
                        dtype=torch.float64)
     x, xbar, task_ids = _mixed_batch()
     schedule = make_schedule(ScheduleConfig(name="layerwise_progressive"), group.taps())
@@ -215,7 +216,7 @@ def test_a_teacher_stops_at_its_deepest_weighted_tap_exactly(tiny_zoo) -> None:
 
 
 def test_nan_and_inf_in_off_mask_rows_never_reach_the_gradient(tiny_zoo) -> None:
-    group = ShardGroup(teacher_refs(tiny_zoo, TINY_TASKS), PlacementConfig(mode="local", device="cpu"),
+    group = MikeShardPool(teacher_refs(tiny_zoo, TINY_TASKS), PlacementConfig(mode="local", device="cpu"),
                        dtype=torch.float64)
     x, xbar, task_ids = _mixed_batch()
     weights = make_schedule(ScheduleConfig(name="uniform"), group.taps()).weights(0.5).teachers
@@ -233,7 +234,7 @@ def test_nan_and_inf_in_off_mask_rows_never_reach_the_gradient(tiny_zoo) -> None
 def test_a_non_finite_gradient_on_a_teachers_own_row_is_a_one_line_error(tiny_zoo) -> None:
     from mike_ray.errors import TrainingError
 
-    group = ShardGroup(teacher_refs(tiny_zoo, TINY_TASKS), PlacementConfig(mode="local", device="cpu"),
+    group = MikeShardPool(teacher_refs(tiny_zoo, TINY_TASKS), PlacementConfig(mode="local", device="cpu"),
                        dtype=torch.float64)
     x, xbar, task_ids = _mixed_batch()
     weights = make_schedule(ScheduleConfig(name="uniform"), group.taps()).weights(0.5).teachers
@@ -247,8 +248,8 @@ def test_bf16_teacher_forwards_keep_the_gradient_close_to_float32(tiny_zoo) -> N
     """bf16 autocast covers the teacher forwards only; the tap terms and their gradient are float32.
     Measured on CPU autocast with the tiny zoo: see the bound below (printed for the closing note)."""
     refs = teacher_refs(tiny_zoo, TINY_TASKS)
-    fp32 = ShardGroup(refs, PlacementConfig(mode="local", device="cpu"))
-    bf16 = ShardGroup(refs, PlacementConfig(mode="local", device="cpu", bf16=True))
+    fp32 = MikeShardPool(refs, PlacementConfig(mode="local", device="cpu"))
+    bf16 = MikeShardPool(refs, PlacementConfig(mode="local", device="cpu", bf16=True))
     torch.manual_seed(0)
     ae = build_model(TINY_AE).eval()
     x, _, task_ids = _mixed_batch()

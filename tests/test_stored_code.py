@@ -14,8 +14,9 @@ import torch
 from mike_ray.data.tasks import TASKS
 from mike_ray.errors import ModelError
 from mike_ray.models import build_model, tap_names
-from mike_ray.teachers.shard import PlacementConfig, ShardGroup, TeacherRef
-from mike_ray.teachers.zoo import TeacherRecord, load_teacher
+from mike_ray.resources import PlacementConfig
+from mike_ray.mike.shard import MikeShardPool, TeacherRef
+from mike_ray.mike.zoo import TeacherRecord, load_teacher
 
 PROBE = '''
 import pathlib, torch
@@ -56,7 +57,7 @@ def test_a_record_naming_an_import_path_is_refused_and_nothing_runs(planted) -> 
     msg = str(err.value)
     assert "'probe_mod:make' is an import path" in msg and "not imported" in msg and "\n" not in msg
     with pytest.raises(ModelError, match="is an import path"):  # a shard loading a copied zoo
-        ShardGroup([TeacherRef("DCH", str(teacher), 0)], PlacementConfig(mode="local", device="cpu"))
+        MikeShardPool([TeacherRef("DCH", str(teacher), 0)], PlacementConfig(mode="local", device="cpu"))
     assert not marker.exists()
     # `python -m mike_ray.check TEACHER_DIR`: one line, exit 2, nothing imported
     p = subprocess.run([sys.executable, "-m", "mike_ray.check", str(teacher)], capture_output=True, text=True,

@@ -60,7 +60,7 @@ def _inject_faults(runs_dir: Path, seen: dict) -> None:
 
     deadline = time.time() + 400
     go = lambda: time.time() < deadline and not seen["stop"].is_set()  # noqa: E731
-    while go() and not session_processes("ray::TeacherShard"):
+    while go() and not session_processes("ray::MikeShard"):
         time.sleep(0.05)
     baseline_runs = {p.name for p in runs_dir.glob("*")}
     while go() and not seen.get("workers"):
@@ -73,7 +73,7 @@ def _inject_faults(runs_dir: Path, seen: dict) -> None:
         time.sleep(0.05)
     while go():
         restarted = [p for p in session_processes("ray::RayTrainWorker") if p not in seen.get("workers", [])]
-        if restarted and kill_processes("ray::TeacherShard.step", seen, "shards", first_only=True):
+        if restarted and kill_processes("ray::MikeShard.step", seen, "shards", first_only=True):
             return
         time.sleep(0.02)
 

@@ -6,8 +6,8 @@ import pytest
 from conftest import TINY_AE, kill_train_worker_after_first_checkpoint
 from mike_ray.errors import TrainingError
 from mike_ray.mike.train import TransferConfig
-from mike_ray.orchestrate.transfer import WorkersConfig, run_transfer
-from mike_ray.teachers.shard import PlacementConfig
+from mike_ray.resources import PlacementConfig, WorkersConfig
+from mike_ray.orchestrate.transfer import run_transfer
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import torch
 from conftest import TINY_SEGMENTER, TINY_TASKS
 from mike_ray.errors import DataError, ModelError
 from mike_ray.data.shards import read_manifest
-from mike_ray.teachers.zoo import (ZooConfig, build_zoo, load_teacher, read_teacher, read_zoo, train_teacher,
+from mike_ray.mike.zoo import (ZooConfig, build_zoo, load_teacher, read_teacher, read_zoo, train_teacher,
                                    zoo_key)
 from mike_ray.utils import config_key
 
@@ -126,7 +126,7 @@ def test_zoo_key_changed_with_the_test_split() -> None:
 def test_teacher_run_logs_val_and_test_iou(tiny_zoo: Path, tmp_path: Path) -> None:
     import mlflow
 
-    from mike_ray.teachers.zoo import _log_teacher
+    from mike_ray.mike.zoo import _log_teacher
     from mike_ray.tracking import Tracking
 
     tracking = Tracking.resolve(tmp_path, "zoo-test", uri=f"sqlite:///{tmp_path / 'mlflow.db'}")

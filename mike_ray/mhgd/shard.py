@@ -6,7 +6,7 @@ baselines (:class:`~mike_ray.mhgd.train.TeacherTargets`). So a shard receives th
 teachers one after another under ``no_grad`` and ships those small tensors back; the student's
 process keeps only the heads and its own graph. Teachers never see the student.
 
-:class:`ShardTeachers` is a :class:`~mike_ray.mhgd.train.TeacherSet`: ``run_method`` takes it in place
+:class:`MHGDShardPool` is a :class:`~mike_ray.mhgd.train.TeacherSet`: ``run_method`` takes it in place
 of local teacher models. Actor handles pickle, so a trial creates the shards (in its placement group)
 and hands them to the TorchTrainer's worker.
 """
@@ -21,11 +21,13 @@ import torch
 from torch import Tensor
 
 from mike_ray.errors import ModelError
-from mike_ray.mhgd.train import LocalTeachers, MHGDConfig, TeacherSet, TeacherTargets, frozen_teacher
-from mike_ray.teachers.shard import PlacementConfig, call_shards, partition, start_shard_actors
+from mike_ray.mhgd.config import MHGDConfig
+from mike_ray.mhgd.teachers import LocalTeachers, TeacherSet, TeacherTargets, frozen_teacher
+from mike_ray.pool import call_shards, partition, start_shard_actors, stop_shard_actors
+from mike_ray.resources import PlacementConfig
 from mike_ray.utils import limit_threads, resolve_device
 
-__all__ = ["ClassifierRef", "ClassifierShard", "ShardTeachers"]
+__all__ = ["ClassifierRef", "MHGDShard", "MHGDShardPool"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class ClassifierRef:
     imports: tuple[str, ...] = ()  # import-path archs the running sweep file names (never from a file)
 
 
-class ClassifierShard:
+class MHGDShard:
     """One or more frozen teacher classifiers in one process, tapped for ``cfg.method``.
 
     Args:
@@ -69,7 +71,7 @@ class ClassifierShard:
         return True
 
 
-class ShardTeachers(TeacherSet):
+class MHGDShardPool(TeacherSet):
     """Teacher classifiers on shards: Ray actors (``placement.mode = "ray"``) or in-process ("local").
 
     ``teachers_per_shard`` groups teachers on one shard (run one after another there); shards answer
@@ -88,11 +90,11 @@ class ShardTeachers(TeacherSet):
         self.retries = 0
         cfg_dict = cfg.model_dump(mode="json")
         if placement.mode == "local":
-            self.shards: list[Any] = [ClassifierShard(g, cfg_dict, placement.device, None) for g in self.groups]
+            self.shards: list[Any] = [MHGDShard(g, cfg_dict, placement.device, None) for g in self.groups]
             return
         import ray
 
-        self.shards = start_shard_actors(ClassifierShard, [(g, cfg_dict, placement.device, placement.threads)
+        self.shards = start_shard_actors(MHGDShard, [(g, cfg_dict, placement.device, placement.threads)
                                                            for g in self.groups],
                                          placement, placement_group, first_bundle)
         ray.get([s.ping.remote() for s in self.shards])  # weights load now: a bad teacher fails here
@@ -117,8 +119,5 @@ class ShardTeachers(TeacherSet):
     def shutdown(self) -> None:
         """Kill the shard actors (local shards are just dropped)."""
         if self.placement.mode == "ray":
-            import ray
-
-            for s in self.shards:
-                ray.kill(s, no_restart=True)
+            stop_shard_actors(self.shards)
         self.shards = []

@@ -30,53 +30,23 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from mike_ray.config_base import StrictModel
 from mike_ray.data.classification import make_classification_loader
 from mike_ray.errors import ConfigError, ModelError, TrainingError
 from mike_ray.mhgd.attention import MultiHeadGraph
 from mike_ray.mhgd.baselines import ABConnectors, ab_distill_loss, fsp_distill_loss, kdsvd_distill_loss
-from mike_ray.mhgd.functional import (clip_transfer_grads, fix_sign, fsp_matrix, soft_logits_loss, stable_sigmoid,
-                                      student_vectors, svd_compress, teacher_vectors, transfer_loss)
-from mike_ray.models.classifiers import DEFAULT_STUDENT, DEFAULT_TEACHER
+from mike_ray.mhgd.config import CLIPPED, NEEDS_PAIRS, MHGDConfig, as_config
+from mike_ray.mhgd.functional import soft_logits_loss
+from mike_ray.mhgd.loss import clipped_multitask_grads, mhgd_transfer_loss
+from mike_ray.mhgd.teachers import LocalTeachers, TeacherSet, frozen_teacher
 from mike_ray.models.registry import ModelSpec, build_model
 from mike_ray.models.taps import TappedModel
 from mike_ray.utils import limit_threads, resolve_device
-
-__all__ = [
-    "METHODS",
-    "CheckpointCallback",
-    "EpochCallback",
-    "FrozenTeacher",
-    "LocalTeachers",
-    "MHGDConfig",
-    "TeacherSet",
-    "TeacherTargets",
-    "build_heads",
-    "clipped_multitask_grads",
-    "evaluate",
-    "mhgd_transfer_loss",
-    "run_method",
-    "teacher_outputs",
-    "teacher_targets",
-    "frozen_teacher",
-    "train_heads",
-    "train_teacher_classifier",
-    "train_teacher_heads",
-]
-
-Method = Literal["student", "soft_logits", "fsp", "ab", "kdsvd", "mhgd"]
-METHODS: tuple[str, ...] = ("student", "soft_logits", "fsp", "ab", "kdsvd", "mhgd")
-"""All methods, in the column order of the paper's table 1 (KD-SVDF is not implemented)."""
-_NEEDS_PAIRS = ("fsp", "kdsvd", "mhgd")        # relate consecutive points: >= 2 points, equal channels
-_CLIPPED = ("kdsvd", "mhgd")                    # multi-task with per-parameter clipped transfer gradients
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 """``on_epoch(epoch, metrics)``: global epoch index and ``{"acc/val": …, "loss/train/ce": …}``."""
@@ -84,315 +54,6 @@ CheckpointCallback = Callable[[int, dict[str, float], dict[str, Any]], None]
 """``on_checkpoint(epoch, metrics, state)``: after every epoch, the run's whole state (tensors, numbers,
 lists, dicts: loadable with ``torch.load(weights_only=True)``); ``run_method(resume=state)`` continues
 from it exactly (same later epochs as an uninterrupted run)."""
-
-
-class MHGDConfig(StrictModel):
-    """One MHGD (or baseline) run: models, sensing points, both phases' optimisation, baseline weights.
-
-    Defaults reproduce the paper's setting where it is known (8 heads, phase 1 = 40 epochs of SGD
-    Nesterov 0.9 at lr 0.1, weight decay 5e-4, T = 4) on the default WRN-16-4 → WRN-10-4 pair; the
-    student schedule (200 epochs, lr 0.1 divided by 5 at 30/60/80 %) is the authors' CIFAR recipe.
-    Small profiles override epochs, batch size and models.
-    """
-
-    method: Method = "mhgd"
-    teacher: ModelSpec = Field(default_factory=lambda: ModelSpec(**DEFAULT_TEACHER),
-                               description="teacher architecture (num_classes: taken from the data when unset)")
-    student: ModelSpec = Field(default_factory=lambda: ModelSpec(**DEFAULT_STUDENT),
-                               description="student architecture (num_classes: taken from the data when unset)")
-    sensing_points: list[str] = Field(default_factory=lambda: ["stage1", "stage2", "stage3"], min_length=1,
-                                      description="teacher module paths, consecutive stage outputs (post-activation)")
-    student_points: list[str] | None = Field(None, description="student module paths (default: sensing_points)")
-    logits_tap: str = Field("fc", min_length=1, description="module whose output is the logits (both models)")
-    ab_student_points: list[str] | None = Field(
-        None, description="AB: student pre-activation taps (default: '<point>.body' where it exists, else the point)")
-
-    # phase 1 (MHGD attention heads) / initialisation stage (FSP, AB)
-    num_heads: int = Field(8, ge=1, description="attention heads A per module")
-    head_dropout: bool = Field(False, description="the authors' random head dropout in phase 1 (not in the paper)")
-    svd_candidates: int = Field(4, ge=1, description="student singular vectors searched for the teacher's match")
-    phase1_epochs: int = Field(40, ge=0, description="MHGD phase 1 (attention heads on the teacher)")
-    phase1_lr: float = Field(0.1, gt=0)
-    phase1_weight_decay: float = Field(5e-4, ge=0)
-    init_epochs: int | None = Field(None, ge=0, description="FSP/AB initialisation stage (default: phase1_epochs)")
-
-    # student (and teacher) training
-    epochs: int = Field(200, ge=1, description="student epochs (phase 2)")
-    teacher_epochs: int = Field(200, ge=1, description="train_teacher_classifier epochs")
-    batch_size: int = Field(128, ge=2, description="also N, the number of nodes of the attention graphs")
-    eval_batch_size: int = Field(256, ge=1)
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = True
-    weight_decay: float = Field(5e-4, ge=0)
-    lr_milestones: list[float] = Field(default_factory=lambda: [0.3, 0.6, 0.8],
-                                       description="fractions of the epochs where the lr is multiplied by lr_gamma")
-    lr_gamma: float = Field(0.2, gt=0, le=1)
-
-    # baselines
-    temperature: float = Field(4.0, gt=0, description="soft_logits: T")
-    soft_weight: float = Field(1.0, ge=0, description="soft_logits: weight of T²·KL next to CE")
-    fsp_weight: float = Field(1e-3, ge=0, description="fsp: factor of the summed FSP losses")
-    ab_weight: float = Field(1e-3, ge=0, description="ab: factor of the layer-weighted AB losses")
-    ab_margin: float = Field(1.0, gt=0, description="ab: margin m")
-
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: leave as is)")
-
-    @model_validator(mode="after")
-    def _check(self) -> "MHGDConfig":
-        if self.student_points is not None and len(self.student_points) != len(self.sensing_points):
-            raise ValueError(f"student_points: {len(self.student_points)} paths but sensing_points has "
-                             f"{len(self.sensing_points)}")
-        if self.method in _NEEDS_PAIRS and len(self.sensing_points) < 2:
-            raise ValueError(f"sensing_points: method '{self.method}' relates consecutive points and needs >= 2")
-        if self.ab_student_points is not None and len(self.ab_student_points) != len(self.sensing_points):
-            raise ValueError(f"ab_student_points: {len(self.ab_student_points)} paths but sensing_points has "
-                             f"{len(self.sensing_points)}")
-        if any(not 0 < f <= 1 for f in self.lr_milestones):
-            raise ValueError(f"lr_milestones: fractions must lie in (0, 1], got {self.lr_milestones}")
-        return self
-
-    @property
-    def points_student(self) -> list[str]:
-        """The student's sensing points (``student_points`` or ``sensing_points``)."""
-        return list(self.student_points or self.sensing_points)
-
-    @property
-    def init_stage_epochs(self) -> int:
-        """FSP/AB initialisation epochs."""
-        return self.phase1_epochs if self.init_epochs is None else self.init_epochs
-
-
-def _as_config(cfg: MHGDConfig | Mapping[str, Any]) -> MHGDConfig:
-    if isinstance(cfg, MHGDConfig):
-        return cfg
-    from mike_ray.config_base import validate
-
-    return validate(MHGDConfig, dict(cfg), source="mhgd")
-
-
-# --------------------------------------------------------------------------------------------
-# Teacher side: no gradient, small outputs (what a teacher shard would return)
-
-
-class FrozenTeacher(nn.Module):
-    """A trained classifier, frozen (eval mode, no parameter gradients), tapped at its sensing points.
-
-    Args:
-        model: the teacher (modified in place: ``eval()`` and ``requires_grad_(False)``).
-        points: sensing-point module paths (may be empty for soft-logits only).
-        logits_tap: module path of the logits; tapped only when ``with_logits``.
-        with_logits: also return the logits.
-
-    ``forward(x)`` returns ``(features [B,C_k,H_k,W_k] per point, logits or None)`` under ``no_grad``.
-    The module stays in eval mode even if a parent calls ``.train()``.
-    """
-
-    def __init__(self, model: nn.Module, points: Sequence[str], logits_tap: str = "fc",
-                 with_logits: bool = False) -> None:
-        super().__init__()
-        model.eval()
-        model.requires_grad_(False)
-        self.points = list(points)
-        self.logits_tap = logits_tap
-        self.with_logits = bool(with_logits)
-        taps = self.points + ([logits_tap] if with_logits else [])
-        if not taps:
-            raise ModelError("teacher: nothing to tap (no sensing points and no logits)")
-        self.tapped = TappedModel(model, taps, name="teacher")
-        self.tapped.eval()
-
-    def train(self, mode: bool = True) -> "FrozenTeacher":
-        return super().train(False)
-
-    @torch.no_grad()
-    def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor | None]:
-        out = self.tapped(x)
-        feats = [out[p] for p in self.points]
-        return feats, (out[self.logits_tap] if self.with_logits else None)
-
-
-@dataclass
-class TeacherTargets:
-    """What the student needs from the teacher for one batch (all detached, small).
-
-    Attributes:
-        vectors: ``[B, C_k]`` per sensing point: top right singular vector, sign fixed (mhgd, kdsvd).
-        sigmas: ``[B, 1]`` per point: the matching singular value (kdsvd).
-        logits: ``[B, num_classes]`` (soft_logits).
-        fsp: ``[B, C_m, C_{m+1}]`` per consecutive pair (fsp).
-        on: ``[B, C_k, H_k, W_k]`` bool per point: teacher neuron active (ab).
-    """
-
-    vectors: list[Tensor] = field(default_factory=list)
-    sigmas: list[Tensor] = field(default_factory=list)
-    logits: Tensor | None = None
-    fsp: list[Tensor] = field(default_factory=list)
-    on: list[Tensor] = field(default_factory=list)
-
-    def to(self, device: torch.device | str) -> "TeacherTargets":
-        """A copy with every tensor on ``device``."""
-        mv = lambda ts: [t.to(device, non_blocking=True) for t in ts]  # noqa: E731
-        return TeacherTargets(mv(self.vectors), mv(self.sigmas),
-                              None if self.logits is None else self.logits.to(device), mv(self.fsp), mv(self.on))
-
-
-@torch.no_grad()
-def teacher_targets(teacher: FrozenTeacher, x: Tensor) -> list[Tensor]:
-    """MHGD's teacher side: ``[V_1, …, V_L]``, each ``[B, C_k]`` (k = 1, sign fixed), no gradient.
-
-    Module m relates ``V^F = V_m`` and ``V^B = V_{m+1}``.
-    """
-    feats, _ = teacher(x)
-    return [teacher_vectors(f) for f in feats]
-
-
-@torch.no_grad()
-def teacher_outputs(teacher: FrozenTeacher, x: Tensor, method: str) -> TeacherTargets:
-    """The teacher's targets of ``method`` for batch ``x`` (see :class:`TeacherTargets`), no gradient."""
-    if method == "mhgd":
-        return TeacherTargets(vectors=teacher_targets(teacher, x))
-    feats, logits = teacher(x)
-    if method == "soft_logits":
-        if logits is None:
-            raise ModelError("teacher: soft_logits needs the teacher's logits (with_logits=True)")
-        return TeacherTargets(logits=logits)
-    if method == "kdsvd":
-        vs, ss = [], []
-        for f in feats:
-            sigma, v = svd_compress(f, 1)
-            vs.append(fix_sign(v[:, 0]))
-            ss.append(sigma)
-        return TeacherTargets(vectors=vs, sigmas=ss)
-    if method == "fsp":
-        return TeacherTargets(fsp=[fsp_matrix(feats[m], feats[m + 1]) for m in range(len(feats) - 1)])
-    if method == "ab":
-        return TeacherTargets(on=[f > 0 for f in feats])
-    if method == "student":
-        return TeacherTargets()
-    raise ConfigError(f"method: unknown method {method!r} (known: {', '.join(METHODS)})")
-
-
-class TeacherSet:
-    """The teachers as the student's loop sees them: a batch in, one :class:`TeacherTargets` per teacher out.
-
-    :class:`LocalTeachers` runs them in this process; :class:`mike_ray.mhgd.shard.ShardTeachers` on Ray
-    actors (each shard returns its teachers' targets, no gradient). With several teachers every
-    transfer loss is the **sum** over teachers (one set of phase-1 heads, AB connectors, … per teacher),
-    like MIKE's sum over teachers: each teacher adds its own relational constraint at the same weight.
-    """
-
-    names: list[str]
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def outputs(self, x: Tensor, method: str) -> list[TeacherTargets]:
-        """Per teacher, :func:`teacher_outputs` of ``method`` for batch ``x`` ``[B,3,S,S]``."""
-        raise NotImplementedError
-
-    def probe(self, x: Tensor) -> list[tuple[list[Tensor], Tensor | None]]:
-        """Per teacher, ``(features per sensing point, logits or None)`` of a small batch (shape checks)."""
-        raise NotImplementedError
-
-
-class LocalTeachers(TeacherSet):
-    """Frozen teachers in this process (on the student's device)."""
-
-    def __init__(self, teachers: Sequence[FrozenTeacher], names: Sequence[str] | None = None) -> None:
-        if not teachers:
-            raise ModelError("teachers: at least one teacher is required")
-        self.teachers = list(teachers)
-        self.names = list(names) if names is not None else [f"teacher{i}" for i in range(len(self.teachers))]
-
-    def outputs(self, x: Tensor, method: str) -> list[TeacherTargets]:
-        return [teacher_outputs(t, x, method) for t in self.teachers]
-
-    @torch.no_grad()
-    def probe(self, x: Tensor) -> list[tuple[list[Tensor], Tensor | None]]:
-        return [t(x) for t in self.teachers]
-
-
-def frozen_teacher(cfg: "MHGDConfig", model: nn.Module) -> FrozenTeacher:
-    """``model`` frozen and tapped where ``cfg.method`` reads it (sensing points, or the logits)."""
-    soft = cfg.method == "soft_logits"
-    return FrozenTeacher(model, [] if soft else cfg.sensing_points, cfg.logits_tap, with_logits=soft)
-
-
-# --------------------------------------------------------------------------------------------
-# Student side
-
-
-def mhgd_transfer_loss(heads: Sequence[MultiHeadGraph], student_feats: Sequence[Tensor],
-                       teacher_vecs: Sequence[Tensor], num_candidates: int = 4,
-                       teacher_graphs: Sequence[Tensor] | None = None) -> Tensor:
-    """Phase-2 transfer loss ``Σ_m KL(G^S_m ‖ G^T_m)`` through the frozen heads (smoothed graphs).
-
-    Args:
-        heads: one frozen :class:`MultiHeadGraph` per module (L−1 of them).
-        student_feats: the student's maps at the L sensing points (with gradient).
-        teacher_vecs: :func:`teacher_targets` for the same batch.
-        num_candidates: student singular vectors searched for each teacher vector (4).
-        teacher_graphs: precomputed ``G^T_m`` (default: computed here without gradient).
-    """
-    if len(heads) != len(student_feats) - 1 or len(teacher_vecs) != len(student_feats):
-        raise ModelError(f"mhgd: {len(student_feats)} student points, {len(teacher_vecs)} teacher vectors, "
-                         f"{len(heads)} modules (need L, L and L−1)")
-    vs = [student_vectors(f, v, num_candidates) for f, v in zip(student_feats, teacher_vecs)]
-    total = student_feats[0].new_zeros(())
-    for m, head in enumerate(heads):
-        if teacher_graphs is None:
-            with torch.no_grad():
-                gt = head.graphs(teacher_vecs[m], teacher_vecs[m + 1], smooth=True)
-        else:
-            gt = teacher_graphs[m]
-        total = total + transfer_loss(head.graphs(vs[m], vs[m + 1], smooth=True), gt)
-    return total
-
-
-def clipped_multitask_grads(ce: Tensor, transfer: Tensor, params: Sequence[Tensor], epoch: float,
-                            phase1_epochs: float) -> tuple[list[Tensor | None], dict[str, float]]:
-    """Per-parameter gradient ``∇CE + clip(∇transfer, ‖∇CE‖·sigmoid(epoch − phase1_epochs))``.
-
-    Weight decay is left to the optimiser. Returns the gradients (None where neither loss reaches a
-    parameter) and statistics: global norms ``ce_norm``, ``transfer_norm`` (raw), ``transfer_clipped_norm``,
-    and ``clip_ratio_max`` = max over parameters of ‖clipped‖ / (‖∇CE‖·ramp) (≤ 1 up to rounding; 0
-    where the bound is 0).
-    """
-    g_ce = torch.autograd.grad(ce, params, retain_graph=True, allow_unused=True)
-    if transfer.requires_grad:
-        g_tr = torch.autograd.grad(transfer, params, allow_unused=True)
-    else:
-        g_tr = tuple(None for _ in params)
-    clipped = clip_transfer_grads(list(g_tr), list(g_ce), epoch, phase1_epochs)
-    ramp = stable_sigmoid(float(epoch) - float(phase1_epochs))
-    grads: list[Tensor | None] = []
-    with torch.no_grad():
-        zero = ce.new_zeros((), dtype=torch.float32)
-        norm = lambda g: torch.linalg.vector_norm(g).float() if g is not None else zero  # noqa: E731
-        rows = []
-        for gc, gt, gk in zip(g_ce, g_tr, clipped):
-            rows.append(torch.stack([norm(gc), norm(gt), norm(gk)]))
-            if gc is None and gk is None:
-                grads.append(None)
-            elif gk is None:
-                grads.append(gc)
-            elif gc is None:
-                grads.append(gk)
-            else:
-                grads.append(gc + gk)
-        n = torch.stack(rows) if rows else zero.new_zeros((0, 3))  # [P, 3]: ‖∇CE‖, ‖∇transfer‖, ‖clipped‖
-        bound = n[:, 0] * ramp
-        ratio = torch.where(bound > 0, n[:, 2] / torch.where(bound > 0, bound, torch.ones_like(bound)),
-                            torch.zeros_like(bound))
-        # one device→host transfer per step
-        ce_n, tr_n, cl_n, r = torch.stack([n[:, 0].square().sum().sqrt(), n[:, 1].square().sum().sqrt(),
-                                           n[:, 2].square().sum().sqrt(),
-                                           ratio.max() if len(rows) else zero]).tolist()
-    stats = {"ce_norm": ce_n, "transfer_norm": tr_n, "transfer_clipped_norm": cl_n, "clip_ratio_max": r}
-    return grads, stats
 
 
 # --------------------------------------------------------------------------------------------
@@ -504,23 +165,20 @@ def _start_epoch(ds: Any, loader: torch.utils.data.DataLoader, seed: int, epoch:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, ds: Any, batch_size: int = 256, device: torch.device | str | None = None,
-             logits_tap: str | None = None) -> dict[str, float]:
-    """Top-1 accuracy and mean cross-entropy of ``model`` on ``ds`` (no augmentation), eval mode.
-
-    ``model`` returns logits (or, with ``logits_tap``, is tapped there). The model's train/eval flag is
-    restored afterwards. Returns ``{"acc": …, "ce": …}``.
+def evaluate(model: nn.Module, ds: Any, batch_size: int = 256,
+             device: torch.device | str | None = None) -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy of ``model`` (which returns logits) on ``ds`` (no
+    augmentation), in eval mode; the model's train/eval flag is restored afterwards.
+    Returns ``{"acc": …, "ce": …}``.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was = model.training
     model.eval()
-    tapped = TappedModel(model, [logits_tap], name="model") if logits_tap else model
     correct, total, ce = 0, 0, 0.0
     try:
         for batch in make_classification_loader(_eval_view(ds), batch_size, shuffle=False):
             x, y = _xy(batch, device)
-            out = tapped(x)
-            logits = out[logits_tap] if logits_tap else out
+            logits = model(x)
             ce += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())
             total += int(y.numel())
@@ -531,26 +189,6 @@ def evaluate(model: nn.Module, ds: Any, batch_size: int = 256, device: torch.dev
 
 # --------------------------------------------------------------------------------------------
 # Phase 1: attention heads on the teacher's features
-
-
-def train_heads(cfg: MHGDConfig | Mapping[str, Any], teacher: FrozenTeacher, train_ds: Any,
-                on_epoch: EpochCallback | None = None, *,
-                history: list[dict[str, float]] | None = None) -> tuple[nn.ModuleList, list[dict[str, float]]]:
-    """MHGD phase 1: train one :class:`MultiHeadGraph` per module on the frozen teacher's vectors.
-
-    Loss ``Σ_m mean(1 − cos(V̄^B_m, V^B_m))``; SGD (Nesterov) at ``phase1_lr`` with
-    ``phase1_weight_decay``, constant lr, ``phase1_epochs`` epochs over ``train_ds`` (as augmented).
-    Reports ``loss/phase1/train`` (and per module ``loss/phase1/train/m<m>``) for epochs 0 … P−1.
-
-    Returns the heads, **frozen** (inference-mode batch norm with phase 1's running statistics, no
-    parameter gradients), and the history records. (:func:`train_teacher_heads` does the same for a
-    :class:`TeacherSet` of one or more teachers.)
-    """
-    cfg = _as_config(cfg)
-    device = next(teacher.parameters()).device
-    history = [] if history is None else history
-    heads = train_teacher_heads(cfg, LocalTeachers([teacher]), train_ds, device, on_epoch, history)
-    return heads[0], history
 
 
 def build_heads(cfg: MHGDConfig, teachers: TeacherSet, image_shape: tuple[int, int, int],
@@ -718,7 +356,7 @@ def _fit(cfg: MHGDConfig, method: str, tapped: TappedModel, points: list[str], t
             ce = F.cross_entropy(logits, y)
             _finite(ce, f"{method} cross-entropy", epoch)
             opt.zero_grad(set_to_none=True)
-            if method in _CLIPPED:
+            if method in CLIPPED:
                 assert targets is not None
                 feats = [out[p] for p in points]
                 # several teachers: their transfer losses are summed (TeacherSet)
@@ -773,7 +411,7 @@ def _ab_points(cfg: MHGDConfig, student: nn.Module) -> list[str]:
     if cfg.ab_student_points is not None:
         return list(cfg.ab_student_points)
     names = dict(student.named_modules())
-    return [f"{p}.body" if f"{p}.body" in names else p for p in cfg.points_student]
+    return [f"{p}.body" if f"{p}.body" in names else p for p in cfg.student_sensing_points]
 
 
 def _check_channels(cfg: MHGDConfig, teachers: TeacherSet, student: TappedModel, points: list[str],
@@ -817,7 +455,7 @@ def train_teacher_classifier(cfg: MHGDConfig | Mapping[str, Any], train_ds: Any,
         ``(model, metrics)``: the trained model (last epoch, eval mode, on the run's device) and
         ``{"best_acc", "last_acc", "history"}`` (history: one dict per epoch, ``epoch`` + metrics).
     """
-    cfg = _as_config(cfg)
+    cfg = as_config(cfg)
     limit_threads(cfg.threads)
     device = resolve_device(cfg.device)
     history: list[dict[str, float]] = []
@@ -863,13 +501,13 @@ def run_method(cfg: MHGDConfig | Mapping[str, Any],
     The same seed gives the same student initialisation, data order and augmentation whatever the
     method, so methods differ only in what they add.
     """
-    cfg = _as_config(cfg)
+    cfg = as_config(cfg)
     limit_threads(cfg.threads)
     device = resolve_device(cfg.device)
     method = cfg.method
     history: list[dict[str, float]] = [dict(h) for h in resume["history"]] if resume is not None else []
     stage = resume["stage"] if resume is not None else None
-    points = cfg.points_student
+    points = cfg.student_sensing_points
     with _seeded(cfg.seed, device):
         num_classes = _num_classes(train_ds, cfg.student, "student")
         student = _build(cfg.student, num_classes, "student").to(device)
@@ -880,7 +518,7 @@ def run_method(cfg: MHGDConfig | Mapping[str, Any],
         if method != "student":
             teacher = _teacher_set(cfg, teacher_model, device)
         shape = _image_shape(train_ds)
-        if method in _NEEDS_PAIRS:
+        if method in NEEDS_PAIRS:
             assert teacher is not None
             _check_channels(cfg, teacher, tapped, points, shape, device)
         if method == "soft_logits":

@@ -30,11 +30,12 @@ STATE_FILE = "mhgd_state.pt"  # not MIKE's state.pt: a different layout
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """Train V2 entry point. ``config``: ``mhgd`` (MHGDConfig dict), ``data`` (ClassificationData dict),
-    ``teachers`` (ShardTeachers or None), ``refs`` (ClassifierRef list, for in-worker teachers)."""
+    ``teachers`` (MHGDShardPool or None), ``refs`` (ClassifierRef list, for in-worker teachers)."""
     import ray.train
 
     from mike_ray.data.classification import ClassificationData, load_splits
-    from mike_ray.mhgd.train import MHGDConfig, run_method
+    from mike_ray.mhgd.config import MHGDConfig
+    from mike_ray.mhgd.train import run_method
 
     from mike_ray.models.registry import load_torch_file
 
@@ -56,7 +57,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     # --- teachers: shards created by the trial, or loaded here (placement "local") -------------------
     teachers = config.get("teachers")
     if teachers is None and cfg.method != "student":
-        from mike_ray.mhgd.train import LocalTeachers, frozen_teacher
+        from mike_ray.mhgd.teachers import LocalTeachers, frozen_teacher
         from mike_ray.mhgd.zoo import load_classifier
         from mike_ray.utils import resolve_device
 

@@ -1,6 +1,6 @@
 """The classifier teacher zoo: MHGD's teachers, trained in parallel as Ray tasks, stored with a manifest.
 
-Like the segmenter zoo (:mod:`mike_ray.teachers.zoo`), keyed by the config that made it and the data
+Like the segmenter zoo (:mod:`mike_ray.mike.zoo`), keyed by the config that made it and the data
 it was trained on::
 
     <out>/classifier_zoo/<key>/<name>/weights.pt     state_dict (torch.load(weights_only=True))
@@ -98,7 +98,8 @@ def train_classifier(name: str, spec: ModelSpec, data: ClassificationData, cfg: 
 
     Runs in the calling process (a Ray task under :func:`build_classifier_zoo`). Returns its record.
     """
-    from mike_ray.mhgd.train import MHGDConfig, train_teacher_classifier
+    from mike_ray.mhgd.config import MHGDConfig
+    from mike_ray.mhgd.train import train_teacher_classifier
 
     t0 = time.perf_counter()
     train_ds, val_ds = load_splits(data)
@@ -173,9 +174,9 @@ def build_classifier_zoo(cfg: ClassifierZooConfig, data: ClassificationData, out
             try:
                 rec = ray.get(done[0])
             except Exception as err:  # noqa: BLE001 - a typed error from the task, wrapped by Ray
-                from mike_ray.orchestrate.transfer import _find_cause
+                from mike_ray.errors import find_cause
 
-                cause = _find_cause(err)
+                cause = find_cause(err)
                 raise (cause or ModelError(f"teacher '{name}': training failed: {one_line(str(err))[:300]}")) from None
             if tracking is not None:
                 _log_classifier(tracking, zoo_dir / name, rec, parent_run_id)

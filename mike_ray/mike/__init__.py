@@ -6,7 +6,6 @@ Neither imports Ray.
 """
 from mike_ray.mike.loss import (
     TapTerm,
-    check_finite_loss,
     masked_sample_mean,
     pixel_loss,
     tap_term,
@@ -28,7 +27,6 @@ __all__ = [
     "ScheduleConfig",
     "TapTerm",
     "Weights",
-    "check_finite_loss",
     "make_schedule",
     "masked_sample_mean",
     "pixel_loss",

@@ -122,27 +122,21 @@ def train_downstream(task: str, model_spec: Mapping[str, Any], state: Mapping[st
 
 def evaluate_downstream(model_spec: Mapping[str, Any], state: Mapping[str, torch.Tensor],
                         data_root: str | Path, cfg: DownstreamConfig,
-                        teacher_iou: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+                        teacher_iou: Mapping[str, Mapping[str, float]],
+                        scheduling_strategy: Any = None) -> dict[str, dict[str, float]]:
     """Every task of ``cfg`` in parallel as Ray tasks →
     ``{task: {"iou", "teacher_iou", "norm_iou", "test_iou", "teacher_test_iou", "test_norm_iou", ...}}``.
 
     ``teacher_iou``: task → ``{"val": mIoU, "test": mIoU}`` of the task's teacher. A normalised IoU is
     NaN when the teacher's IoU on that split is unknown or 0, or the split has no rows for the task.
-    Requires ``ray.init``.
+    ``scheduling_strategy``: where the tasks go (a trial driver passes its placement group's,
+    :func:`mike_ray.pool.bundle_strategy`); None: Ray's default. Requires ``ray.init``.
     """
     import ray
 
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
     state_ref = ray.put({k: v.detach().cpu() for k, v in state.items()})
-    # Inside a Tune trial, tasks land in the trial's placement group: use its bundles when one can
-    # hold a task (the shards' bundles are idle by now), otherwise run outside it.
-    pg = ray.util.get_current_placement_group()
-    fits = pg is not None and any(b.get("CPU", 0) >= cfg.cpus_per_task and b.get("GPU", 0) >= cfg.gpus_per_task
-                                  for b in pg.bundle_specs)
-    strategy = PlacementGroupSchedulingStrategy(pg if fits else None, placement_group_bundle_index=-1)
     remote = ray.remote(num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task, max_retries=1,
-                        scheduling_strategy=strategy)(train_downstream)
+                        scheduling_strategy=scheduling_strategy)(train_downstream)
     refs = [remote.remote(t, dict(model_spec), state_ref, str(data_root), cfg) for t in cfg.tasks]
     out: dict[str, dict[str, float]] = {}
     for res in ray.get(refs):

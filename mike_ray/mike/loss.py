@@ -39,11 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mike_ray.errors import TrainingError
-
 __all__ = [
     "TapTerm",
-    "check_finite_loss",
     "masked_sample_mean",
     "pixel_loss",
     "tap_term",
@@ -131,7 +128,6 @@ def teacher_loss(
     mask: Tensor,
     *,
     share: float = 1.0,
-    compute_zero_weight_terms: bool = False,
 ) -> tuple[Tensor, dict[str, TapTerm]]:
     """One teacher's loss ``share · Σ_l w_l · tap_term(φ_l(x), φ_l(x̄), mask)``.
 
@@ -145,9 +141,6 @@ def teacher_loss(
         share: the teacher's samples' share of the whole query batch (``#{i ∈ n} / B``, in [0, 1]);
             it scales the total so that a step's loss is eq. 1 averaged over the batch (module
             docstring). 1 when the features are of the whole batch and every sample counts.
-        compute_zero_weight_terms: also compute (for logging only) the terms of zero-weight taps
-            whose features are present. Off by default: layerwise schedules leave most taps at
-            weight 0 and skipping them saves their tanh/difference tensors.
 
     Returns:
         ``(total, terms)``: ``total`` is a 0-d tensor attached to the graph of ``feats_xbar``;
@@ -170,12 +163,7 @@ def teacher_loss(
     total: Tensor | None = None
     terms: dict[str, TapTerm] = {}
     for tap, w in weights.items():
-        if w == 0.0:
-            if not (compute_zero_weight_terms and tap in feats_xbar and tap in feats_x):
-                continue
-            with torch.no_grad():  # logged only: no graph for a term that cannot affect x̄
-                term = tap_term(feats_x[tap], feats_xbar[tap], mask)
-            terms[tap] = TapTerm(weight=0.0, unweighted=term, weighted=torch.zeros_like(term))
+        if w == 0.0:  # layerwise schedules leave most taps at 0: no tanh/difference tensors for them
             continue
         if tap not in feats_xbar or tap not in feats_x:
             raise ValueError(f"teacher_loss: tap '{tap}' has weight {w} but no activation")
@@ -224,34 +212,3 @@ def pixel_loss(x: Tensor, xbar: Tensor) -> Tensor:
     if x.shape != xbar.shape:
         raise ValueError(f"pixel_loss: x and x̄ differ in shape: {tuple(x.shape)} vs {tuple(xbar.shape)}")
     return F.mse_loss(xbar, x.detach(), reduction="mean")
-
-
-def check_finite_loss(
-    total: Tensor | float,
-    terms: Mapping[str, TapTerm] | None = None,
-    *,
-    teacher: str | None = None,
-    step: int | None = None,
-) -> None:
-    """Raise :class:`TrainingError` if a loss is NaN or infinite; otherwise return.
-
-    The message is one line naming where it happened, e.g.
-    ``teacher 'DCH' tap 'blocks.3': non-finite loss (nan) at step 120``. When ``terms`` are given
-    the first non-finite tap is named (else the total). ``teacher=None`` means the pixel loss or a
-    shard's sum. This reads the value back (a device sync): call it once per step, not per tap.
-    """
-    value = float(total.detach().item()) if isinstance(total, Tensor) else float(total)
-    if math.isfinite(value):
-        return
-    where = f"teacher '{teacher}'" if teacher is not None else "loss"
-    bad_tap = None
-    bad_value = value
-    for tap, term in (terms or {}).items():
-        v = float(term.unweighted.item())
-        if not math.isfinite(v):
-            bad_tap, bad_value = tap, v
-            break
-    if bad_tap is not None:
-        where += f" tap '{bad_tap}'"
-    at = f" at step {step}" if step is not None else ""
-    raise TrainingError(f"{where}: non-finite loss ({bad_value}){at}")

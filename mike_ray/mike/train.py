@@ -183,7 +183,7 @@ def transfer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.T
         x: B×3×H×W query images in [0, 1]. task_ids: B int64 (query masking).
         weights: the schedule's :class:`~mike_ray.mike.schedules.Weights` for this step, or None for
             the pixel method (pixel MSE with weight 1).
-        shards: the ShardGroup (unused when no teacher carries weight).
+        shards: the MikeShardPool (unused when no teacher carries weight).
     """
     from mike_ray.mike.loss import pixel_loss
 
@@ -223,7 +223,7 @@ def _add_teacher_terms(meter: EpochMeter, prefix: str, res: Any) -> None:
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """Ray Train V2 ``train_loop_per_worker``.
 
-    ``config`` keys: ``transfer`` (a :class:`TransferConfig` dict), ``shards`` (a ShardGroup with
+    ``config`` keys: ``transfer`` (a :class:`TransferConfig` dict), ``shards`` (a MikeShardPool with
     Ray actor handles, or None for the pixel method), ``taps`` (teacher → tap paths), ``data_root``
     and ``query_tasks`` (the prepared dataset and the tasks whose train/val splits are the query
     data). Each worker reads the query rows itself and visits them in a fresh seeded global

@@ -14,11 +14,11 @@ import torch
 
 from mike_ray.data.classification import ClassificationData
 from mike_ray.errors import ConfigError, TrainingError, one_line
-from mike_ray.mhgd.shard import ClassifierRef, ShardTeachers
-from mike_ray.mhgd.train import MHGDConfig
+from mike_ray.mhgd.shard import ClassifierRef, MHGDShardPool
+from mike_ray.mhgd.config import MHGDConfig
 from mike_ray.mhgd.worker import RESULT_FILE, STUDENT_FILE, train_fn_per_worker
-from mike_ray.orchestrate.transfer import WorkersConfig, _find_cause
-from mike_ray.teachers.shard import PlacementConfig
+from mike_ray.orchestrate.trainer import fit_trainer
+from mike_ray.resources import PlacementConfig, WorkersConfig
 
 
 @dataclass
@@ -43,7 +43,7 @@ def classifier_refs(zoo_dir: Path, names: Sequence[str], imports: Sequence[str] 
 
 def run_mhgd(cfg: MHGDConfig, data: ClassificationData, teachers: Sequence[ClassifierRef],
              placement: PlacementConfig, workers: WorkersConfig, storage_path: str | Path, name: str,
-             shards: ShardTeachers | None = None) -> MHGDResult:
+             shards: MHGDShardPool | None = None) -> MHGDResult:
     """Fit one student with ``cfg.method`` from ``teachers``; a re-run of a finished ``name`` re-reports it.
 
     Args:
@@ -54,39 +54,19 @@ def run_mhgd(cfg: MHGDConfig, data: ClassificationData, teachers: Sequence[Class
         storage_path/name: Ray Train's run directory.
         shards: existing shards (a trial places them in its placement group).
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     if workers.num_workers != 1:
         raise ConfigError(f"resources.workers.num_workers: MHGD trains on one worker (the graph relates the "
                           f"samples of one batch), got {workers.num_workers}")
     needs_teacher = cfg.method != "student"
     own = shards is None and needs_teacher and placement.mode == "ray"
     if own:
-        shards = ShardTeachers(teachers, cfg, placement)
+        shards = MHGDShardPool(teachers, cfg, placement)
     try:
-        trainer = TorchTrainer(
-            train_fn_per_worker,
-            train_loop_config={"mhgd": cfg.model_dump(mode="json"), "data": data.model_dump(mode="json"),
-                               "teachers": shards if needs_teacher else None, "refs": list(teachers)},
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=1, use_gpu=workers.gpus_per_worker > 0,
-                resources_per_worker={"CPU": workers.cpus_per_worker,
-                                      **({"GPU": workers.gpus_per_worker} if workers.gpus_per_worker else {})}),
-            run_config=ray.train.RunConfig(
-                name=name, storage_path=str(Path(storage_path).resolve()),
-                failure_config=ray.train.FailureConfig(max_failures=workers.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
-        )
-        try:
-            result = trainer.fit()
-        except Exception as err:  # our typed errors (NaN loss, bad teacher) as one line
-            cause = _find_cause(err)
-            if cause is not None:
-                raise cause from None
-            raise TrainingError(f"mhgd run '{name}' failed: {one_line(str(err))[:300]}") from None
-        if result.checkpoint is None:
-            raise TrainingError(f"mhgd run '{name}': finished without a checkpoint")
+        result = fit_trainer(train_fn_per_worker, {"mhgd": cfg.model_dump(mode="json"),
+                                                   "data": data.model_dump(mode="json"),
+                                                   "teachers": shards if needs_teacher else None,
+                                                   "refs": list(teachers)},
+                             workers, storage_path, name, "mhgd run", keep=1)
         from mike_ray.models.registry import load_torch_file
 
         with result.checkpoint.as_directory() as d:

@@ -1,73 +1,81 @@
-"""One MHGD Tune trial: classifier shards → one-worker TorchTrainer → accuracy → Tune + MLflow.
+"""The MHGD family: one trial (classifier shards → one-worker TorchTrainer → accuracy), its
+student-alone baseline, its accuracy table.
 
-The MHGD counterpart of :func:`mike_ray.orchestrate.tuning.trial_fn`: same MLflow child run (re-opened
-on resume), same "trial record written last" rule, the objective is the student's best val accuracy.
+The counterpart of :mod:`mike_ray.orchestrate.mike_trial`, with the same bookkeeping
+(:mod:`mike_ray.orchestrate.records`); the objective is the student's best val accuracy.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 from mike_ray.config import SweepConfig
+from mike_ray.config_base import StrictModel
+from mike_ray.data.classification import ClassificationData
+from mike_ray.mhgd.config import MHGDConfig
+from mike_ray.orchestrate.records import TrialContext, fail_trial, finish_trial, shown_params, trial_run
 from mike_ray.tracking import RunLogger, Tracking
 
+#: the searched dimensions a trial's params may set on its MHGDConfig
+SEARCHED = ("method", "lr", "num_heads", "phase1_epochs")
 
-def mhgd_settings(cfg: SweepConfig, params: dict[str, Any]):
+
+class MHGDSettings(StrictModel):
+    """The MHGD slice of a sweep config that a trial needs: the base run (method = the sweep's) and
+    the classification data (root resolved)."""
+
+    mhgd: MHGDConfig
+    classification: ClassificationData
+
+
+def mhgd_settings(ctx: TrialContext, params: dict[str, Any]) -> tuple[MHGDConfig, str, list[str]]:
     """A trial's params → (its MHGDConfig, teacher subset name, teacher names)."""
-    run = cfg.mhgd_run(params)
-    run = run.model_copy(update={"seed": cfg.mhgd.seed + int(params.get("__trial_index__", 0) or 0)})
-    subset = params.get("teacher_subset") or next(iter(cfg.teacher_subsets))
-    return run, subset, cfg.subset(subset)
+    base = ctx.settings.mhgd
+    update = {k: params[k] for k in SEARCHED if k in params}
+    run = MHGDConfig.model_validate({**base.model_dump(), **update,
+                                     "seed": base.seed + int(params.get("__trial_index__", 0) or 0)})
+    subset, teachers = ctx.subset(params)
+    return run, subset, teachers
 
 
-def mhgd_trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
-    """One MHGD trial (see the module docstring); ``ctx`` is built by ``run_trials``."""
+def mhgd_trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
+    """One MHGD trial (see the module docstring)."""
     import ray
     import ray.tune
 
-    from mike_ray.data.classification import ClassificationData
-    from mike_ray.mhgd.shard import ShardTeachers
+    from mike_ray.mhgd.shard import MHGDShardPool
+    from mike_ray.mhgd.zoo import read_classifier_zoo
     from mike_ray.orchestrate.classify import classifier_refs, run_mhgd
-    from mike_ray.models.registry import import_archs
-    from mike_ray.orchestrate.tuning import _fail_trial, _finish_trial, _trial_run
 
     t_start = time.perf_counter()
-    cfg = SweepConfig.model_validate(ctx["sweep"])
-    tracking = Tracking(**ctx["tracking"])
     params = dict(config)
-    run_cfg, subset, teachers = mhgd_settings(cfg, params)
+    run_cfg, subset, teachers = mhgd_settings(ctx, params)
     trial_id = ray.tune.get_context().get_trial_id()
-    sweep_dir = Path(ctx["sweep_dir"])
-    done = sweep_dir / "trials" / f"{trial_id}.json"
-    if done.is_file():  # finished before the driver died: report, do not re-run
-        ray.tune.report(final_metrics(json.loads(done.read_text())))
+    if (prev := ctx.finished(trial_id)) is not None:  # finished before the driver died: report, do not re-run
+        ray.tune.report(final_metrics(prev))
         return
-    data = ClassificationData.model_validate(ctx["classification"])
-    zoo_dir = Path(ctx["classifier_zoo_dir"])
-    shown = {k: v for k, v in params.items() if not k.startswith("__")}
+    data = ctx.settings.classification
     method = run_cfg.method
     uses_teachers = method != "student"
-    run = _trial_run(tracking, ctx["parent_id"], trial_id, cfg.name, {
-        "mike_ray.teacher_subset": subset if uses_teachers else "-", "mike_ray.method": method,
-        "mike_ray.seed": str(run_cfg.seed)})
-    run.params({"trial": shown, "mhgd": run_cfg.model_dump(mode="json"),
+    run = trial_run(ctx, trial_id, {"mike_ray.teacher_subset": subset if uses_teachers else "-",
+                                    "mike_ray.method": method, "mike_ray.seed": str(run_cfg.seed)})
+    run.params({"trial": shown_params(params), "mhgd": run_cfg.model_dump(mode="json"),
                 "teachers": ",".join(teachers) if uses_teachers else "", "teacher_subset": subset,
                 "classification": data.model_dump(mode="json")})
     base = {"trial_id": trial_id, "family": "mhgd", "method": method, "subset": subset if uses_teachers else "-",
-            "teachers": teachers if uses_teachers else [], "params": shown, "seed": run_cfg.seed,
+            "teachers": teachers if uses_teachers else [], "params": shown_params(params), "seed": run_cfg.seed,
             "mlflow_run_id": run.run_id}
     try:
         # --- the student's run: shards in this trial's placement group, the worker in Train's own -------
-        refs = classifier_refs(zoo_dir, teachers, import_archs(cfg.model_dump(mode="json")))
+        refs = classifier_refs(ctx.zoo_dir, teachers, ctx.import_archs)
         shards = None
-        if uses_teachers and cfg.resources.placement.mode == "ray":
-            pg = ray.util.get_current_placement_group()
-            shards = ShardTeachers(refs, run_cfg, cfg.resources.placement, placement_group=pg, first_bundle=1)
+        if uses_teachers and ctx.placement.mode == "ray":
+            shards = MHGDShardPool(refs, run_cfg, ctx.placement,
+                                   placement_group=ray.util.get_current_placement_group(), first_bundle=1)
         try:
-            res = run_mhgd(run_cfg, data, refs, cfg.resources.placement, cfg.resources.workers,
-                           sweep_dir / "runs", trial_id, shards=shards)
+            res = run_mhgd(run_cfg, data, refs, ctx.placement, ctx.workers, ctx.sweep_dir / "runs", trial_id,
+                           shards=shards)
         finally:
             if shards is not None:
                 shards.shutdown()
@@ -76,18 +84,16 @@ def mhgd_trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         run.tags({"mike_ray.checkpoint": res.checkpoint_path})
 
         # --- the record, the trial's artifacts, then Tune -------------------------------------------------
-        from mike_ray.mhgd.zoo import read_classifier_zoo
-
-        zoo = read_classifier_zoo(zoo_dir)
+        zoo = read_classifier_zoo(ctx.zoo_dir)
         record = {**base, "status": "finished", "score": res.best_acc, "best_acc": res.best_acc,
                   "last_acc": res.last_acc, "teacher_acc": {t: zoo[t]["best_acc"] for t in teachers},
                   "checkpoint": res.checkpoint_path, "retries": res.retries,
                   "train_seconds": sum(h.get("time/epoch_s", 0.0) for h in res.history),
                   "trial_seconds": time.perf_counter() - t_start}
         _artifacts(run, record, res.history)
-        _finish_trial(run, done, record, final_metrics(record))
+        finish_trial(run, ctx.record_path(trial_id), record, final_metrics(record))
     except BaseException as err:
-        _fail_trial(run, sweep_dir, base, err)
+        fail_trial(run, ctx.sweep_dir, base, err)
         raise
 
 
@@ -107,3 +113,71 @@ def _artifacts(run: RunLogger, record: dict[str, Any], history: list[dict[str, f
         run.artifact(accuracy_curve(history, Path(d) / "accuracy.png",
                                     f"{record['method']} (seed {record['seed']})"), "plots")
     run.dict_artifact(record, "trial.json")
+
+
+# --- the family: what the sweep driver and the Tuner ask of MHGD ------------------------------------
+class MHGDFamily:
+    """MHGD and its baselines (classifier student + accuracy): see :class:`~.family.Family`."""
+
+    name = "mhgd"
+    baseline = "student"
+    teacherless = frozenset({"student"})
+    trial_fn = staticmethod(mhgd_trial_fn)
+
+    def stages(self, cfg: SweepConfig, out: Path, tracking: Tracking, parent_id: str) -> tuple[Path | None, Path]:
+        from mike_ray.orchestrate.stages import ensure_classifier_zoo, ensure_data
+
+        data_root = ensure_data(cfg.data, out) if cfg.classification.source == "crops" else None
+        return data_root, ensure_classifier_zoo(cfg.classifier_zoo, cfg.classification, data_root, out, tracking,
+                                                parent_id)
+
+    def settings(self, cfg: SweepConfig, data_root: Path | None) -> MHGDSettings:
+        return MHGDSettings(mhgd=cfg.mhgd_run(), classification=cfg.classification.resolve(data_root))
+
+    def extra_studies(self, cfg: SweepConfig, seeds: Any) -> list[tuple[str, list[str], dict[str, Any]]]:
+        """The student alone, one per seed (the floor every distillation method must beat)."""
+        if cfg.study.baselines and "student" not in (cfg.search.method or [cfg.method]):
+            return [("baselines", ["student"], {"method": "student", "__trial_index__": seeds})]
+        return []
+
+    def teacher_table(self, zoo_dir: Path) -> dict[str, dict[str, float]]:
+        from mike_ray.mhgd.zoo import read_classifier_zoo
+
+        return {n: {"best_acc": r["best_acc"], "last_acc": r["last_acc"]}
+                for n, r in read_classifier_zoo(zoo_dir).items()}
+
+    def plan_lines(self, cfg: SweepConfig) -> list[str]:
+        if cfg.study.baselines and "student" not in (cfg.search.method or [cfg.method]):
+            return [f"  + {cfg.study.repeats} student-alone baseline(s): one per seed"]
+        return []
+
+    def accuracy_table(self, summary: Any) -> str:
+        """The Markdown accuracy table (teachers first, then each configuration's mean ± std)."""
+        from mike_ray.report.tables import accuracy_table
+
+        return accuracy_table(summary.trials, {n: t["best_acc"] for n, t in summary.teachers.items()},
+                              summary.failed)
+
+    def report_lines(self, summary: Any) -> list[str]:
+        return ["  val accuracy, mean ± std over seeds:"] + \
+            ["    " + ln for ln in self.accuracy_table(summary).splitlines()]
+
+    def log_summary(self, client: Any, parent_id: str, summary: Any) -> None:
+        """The accuracy table (Markdown + JSON) on the parent run."""
+        import json
+        import tempfile
+
+        from mike_ray.report.tables import accuracy_rows
+
+        with tempfile.TemporaryDirectory() as d:
+            d = Path(d)
+            (d / "accuracy_table.md").write_text(self.accuracy_table(summary) + "\n")
+            (d / "accuracy_table.json").write_text(json.dumps(
+                {"rows": accuracy_rows(summary.trials), "teachers": summary.teachers, "trials": summary.trials,
+                 "failed": summary.failed}, indent=2, default=str))
+            client.log_artifact(parent_id, str(d / "accuracy_table.md"))
+            client.log_artifact(parent_id, str(d / "accuracy_table.json"))
+        rows = accuracy_rows(summary.trials)
+        if rows:
+            client.log_metric(parent_id, "acc/best_mean_of_best_config", rows[0]["best_mean"] / 100)
+        client.log_metric(parent_id, "trials/failed", float(len(summary.failed)))

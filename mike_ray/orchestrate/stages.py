@@ -12,7 +12,7 @@ from pathlib import Path
 from mike_ray.config import ClassificationSource, DataConfig
 from mike_ray.data.shards import prepare_dataset
 from mike_ray.tracking import Tracking
-from mike_ray.teachers.zoo import ZooConfig, build_zoo
+from mike_ray.mike.zoo import ZooConfig, build_zoo
 from mike_ray.utils import atomic_dir, config_key
 
 

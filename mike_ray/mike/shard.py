@@ -1,4 +1,4 @@
-"""TeacherShard: frozen teachers in their own process, returning loss and ∂loss/∂x̄.
+"""MikeShard: frozen teachers in their own process, returning loss and ∂loss/∂x̄.
 
 Teachers are frozen, so ∂L/∂θ_AE = (∂L/∂x̄)·(∂x̄/∂θ_AE): a shard needs only x, x̄ and the batch's
 task ids, returns the loss and the gradient with respect to x̄, and the student finishes
@@ -6,7 +6,7 @@ backpropagation locally (DESIGN.md "A MIKE step"). Shards never see the student.
 
 A shard holding several teachers runs them one after another and accumulates their gradients, so
 only one teacher's activation graph is alive at a time: its memory does not grow with its teacher
-count. The same :class:`TeacherShard` class runs in-process (``placement.mode = "local"``) for
+count. The same :class:`MikeShard` class runs in-process (``placement.mode = "local"``) for
 debugging and for the exactness test, or as a Ray actor per shard (``"ray"``).
 """
 from __future__ import annotations
@@ -15,13 +15,13 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
-from pydantic import Field
 
-from mike_ray.config_base import StrictModel
 from mike_ray.errors import ModelError, TrainingError
+from mike_ray.pool import call_shards, describe_plan, forward_flops, partition, start_shard_actors, stop_shard_actors
+from mike_ray.resources import PlacementConfig
 from mike_ray.utils import limit_threads, resolve_device
 
 
@@ -39,31 +39,6 @@ class TeacherRef:
     taps: tuple[str, ...] | None = None  # None: the taps stored with the teacher
     # import-path archs the running sweep file names: the only ones the stored record may use
     imports: tuple[str, ...] = ()
-
-
-class PlacementConfig(StrictModel):
-    """Where teachers run.
-
-    ``teachers_per_shard``: k (consecutive teachers, k per shard), "all" (one shard), or "auto":
-    ``num_shards`` shards, teachers assigned so that every shard has about the same expected work
-    per step (:func:`partition`; under masking a teacher's work is its task's share of the query
-    rows × its forward cost, so a teacher of a rare task is cheap). ``num_shards`` applies to "auto"
-    only.
-    """
-
-    mode: Literal["ray", "local"] = "ray"
-    teachers_per_shard: Annotated[int, Field(ge=1)] | Literal["all", "auto"] = 1
-    num_shards: int = Field(2, ge=1)
-    cpus_per_shard: float = Field(1.0, ge=0)
-    gpus_per_shard: float = Field(0.0, ge=0)
-    threads: int = Field(1, gt=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    bf16: bool = False  # bf16 autocast for teacher forwards; the loss and its gradient stay float32
-    max_restarts: int = Field(3, ge=0)  # Ray restarts a dead shard this many times
-    step_retries: int = Field(3, ge=0)  # a step whose shard died is sent again this many times
-    # how long a step waits for a dead shard to come back (Ray restarts it; its constructor reloads the
-    # teachers, which on a cold node means imports and weights: many seconds)
-    restart_timeout_s: float = Field(300.0, gt=0)
 
 
 @dataclass
@@ -84,7 +59,7 @@ class ShardOutput:
     seconds: float = 0.0
 
 
-class TeacherShard:
+class MikeShard:
     """One or more frozen teachers on one device.
 
     Args:
@@ -101,7 +76,7 @@ class TeacherShard:
     def __init__(self, teachers: Sequence[TeacherRef], device: str = "auto", threads: int | None = 1,
                  bf16: bool = False, dtype: torch.dtype = torch.float32, host_outputs: bool = False) -> None:
         from mike_ray.models.taps import TappedModel
-        from mike_ray.teachers.zoo import load_teacher
+        from mike_ray.mike.zoo import load_teacher
 
         limit_threads(threads)
         self.device = resolve_device(device)
@@ -237,62 +212,12 @@ def _rows_per_task(task_ids: torch.Tensor) -> dict[int, torch.Tensor]:
     return out
 
 
-def shard_count(n_teachers: int, per_shard: int | str, num_shards: int = 2) -> int:
-    """How many shards :func:`partition` makes for ``n_teachers`` (a trial reserves one bundle each)."""
-    if per_shard == "all":
-        return 1
-    if per_shard == "auto":
-        return max(1, min(n_teachers, num_shards))
-    if int(per_shard) <= 0:
-        raise ModelError(f"placement.teachers_per_shard: must be ≥ 1, 'all' or 'auto', got {per_shard}")
-    return math.ceil(n_teachers / int(per_shard))
-
-
-def partition(teachers: Sequence[Any], per_shard: int | str, work: Sequence[float] | None = None,
-              num_shards: int = 2) -> list[list[Any]]:
-    """Split teachers into shards, each shard's teachers in their given order.
-
-    ``per_shard`` k: consecutive groups of k; "all": one shard; "auto": ``num_shards`` shards (fewer
-    if there are fewer teachers) balanced by ``work`` (one number per teacher, default equal): the
-    heaviest teacher first, each to the currently lightest shard (LPT; within 4/3 of the best
-    split), ties to the lower index, so the plan is deterministic.
-    """
-    n = shard_count(len(teachers), per_shard, num_shards)
-    if per_shard != "auto":
-        k = len(teachers) if per_shard == "all" else int(per_shard)
-        return [list(teachers[i:i + k]) for i in range(0, len(teachers), k)]
-    work = [1.0] * len(teachers) if work is None else [float(w) for w in work]
-    if len(work) != len(teachers) or any(not math.isfinite(w) or w < 0 for w in work):
-        raise ValueError(f"partition: need one finite work ≥ 0 per teacher, got {work}")
-    load = [0.0] * n
-    members: list[list[int]] = [[] for _ in range(n)]
-    for i in sorted(range(len(teachers)), key=lambda i: (-work[i], i)):
-        j = min(range(n), key=lambda j: (load[j], len(members[j]), j))
-        load[j] += work[i]
-        members[j].append(i)
-    return [[teachers[i] for i in sorted(m)] for m in members if m]
-
-
-def forward_flops(spec: Mapping[str, Any], input_shape: Sequence[int] = (3, 64, 64),
-                  imports: Sequence[str] | str = ()) -> float:
-    """FLOPs of one forward of the model ``spec`` on one sample (torch's FlopCounterMode; an
-    untrained instance: the count does not depend on the weights). ``imports`` as in ``build_model``."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from mike_ray.models import build_model
-
-    model = build_model(dict(spec), imports=imports).eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, *input_shape))
-    return float(counter.get_total_flops())
-
-
 def expected_work(teachers: Sequence[TeacherRef], shares: Mapping[int, float] | None = None) -> list[float]:
     """Each teacher's expected work per step under masking: its task's share of the query rows
     (``shares``: task id → fraction; missing or None → equal shares over the teachers' tasks) × its
     forward FLOPs per sample (from its stored model spec). A teacher without a task (unmasked) sees
     every row: share 1."""
-    from mike_ray.teachers.zoo import read_teacher
+    from mike_ray.mike.zoo import read_teacher
 
     tasks = {t.task_id for t in teachers if t.task_id is not None}
     if not shares:
@@ -308,18 +233,6 @@ def expected_work(teachers: Sequence[TeacherRef], shares: Mapping[int, float] | 
     return out
 
 
-def describe_plan(groups: Sequence[Sequence[Any]], work: Sequence[float] | None, names: Sequence[str]) -> str:
-    """One line per shard: its teachers and (when known) its share of the expected work."""
-    w = dict(zip(names, work)) if work is not None else {}
-    total = sum(w.values()) or 1.0
-    lines = []
-    for i, g in enumerate(groups):
-        label = ", ".join(getattr(t, "name", str(t)) for t in g)
-        share = f"  {sum(w.get(getattr(t, 'name', str(t)), 0.0) for t in g) / total:5.1%} of the work" if w else ""
-        lines.append(f"shard {i}: {label}{share}")
-    return "\n".join(lines)
-
-
 @dataclass
 class StepResult:
     """Summed answer of all shards: loss, terms, ∂loss/∂x̄; ``retries`` counts re-sent shard calls."""
@@ -332,7 +245,7 @@ class StepResult:
     shard_seconds: list[float] = field(default_factory=list)
 
 
-class ShardGroup:
+class MikeShardPool:
     """All shards of one run, local or as Ray actors; :meth:`step` fans out and sums gradients.
 
     Actor handles are serialisable: a trial driver creates the group once and every trainer worker
@@ -359,12 +272,12 @@ class ShardGroup:
         self.retries = 0
         if placement.mode == "local":
             # in-process: the caller's thread setting stays as it is
-            self.shards = [TeacherShard(g, placement.device, None, placement.bf16, dtype) for g in self.groups]
+            self.shards = [MikeShard(g, placement.device, None, placement.bf16, dtype) for g in self.groups]
             self._taps = {k: v for s in self.shards for k, v in s.taps().items()}
         else:
             import ray
 
-            self.shards = start_shard_actors(TeacherShard, [(g, placement.device, placement.threads, placement.bf16,
+            self.shards = start_shard_actors(MikeShard, [(g, placement.device, placement.threads, placement.bf16,
                                                              dtype, True) for g in self.groups],
                                              placement, placement_group, first_bundle, concurrency)
             self._taps = {}
@@ -409,93 +322,7 @@ class ShardGroup:
     def shutdown(self) -> None:
         """Kill the shard actors (local shards are just dropped)."""
         if self.placement.mode == "ray":
-            import ray
-
-            for s in self.shards:
-                ray.kill(s, no_restart=True)
+            stop_shard_actors(self.shards)
         self.shards = []
 
 
-def start_shard_actors(cls: type, args: Sequence[tuple], placement: PlacementConfig,
-                       placement_group: object | None = None, first_bundle: int = 0,
-                       concurrency: int = 1) -> list[Any]:
-    """One Ray actor of ``cls`` per entry of ``args`` (its constructor arguments), with the shard's CPUs,
-    GPUs and restart policy from ``placement``; actor i goes to bundle ``first_bundle + i`` of
-    ``placement_group`` when given (a Tune trial reserves them, so the autoscaler sees the demand).
-    ``concurrency`` > 1 makes a threaded actor serving that many calls at once (torch releases the
-    GIL in its kernels; the teachers are read-only, so concurrent steps do not interfere)."""
-    import ray
-
-    if concurrency < 1:
-        raise ValueError(f"start_shard_actors: concurrency must be ≥ 1, got {concurrency}")
-    actor = ray.remote(cls)
-    base = dict(num_cpus=placement.cpus_per_shard, num_gpus=placement.gpus_per_shard,
-                max_restarts=placement.max_restarts, max_task_retries=0, max_concurrency=concurrency)
-    shards = []
-    for i, a in enumerate(args):
-        opts = dict(base)
-        if placement_group is not None:
-            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                placement_group, placement_group_bundle_index=first_bundle + i)
-        shards.append(actor.options(**opts).remote(*a))
-    return shards
-
-
-def call_shards(shards: Sequence[Any], labels: Sequence[str], method: str, args: Sequence[Any],
-                placement: PlacementConfig) -> tuple[list[Any], int]:
-    """``shard.<method>.remote(*args)`` on every shard actor at once; returns the answers in shard
-    order and how many calls were sent again.
-
-    A shard that dies mid-call is restarted by Ray (``placement.max_restarts``; its constructor reloads
-    its teachers). The call waits until the shard answers a ping again (at most
-    ``placement.restart_timeout_s``) and is then sent again, up to ``placement.step_retries`` times per
-    call: a shard call is a pure function of its arguments, so repeating it is safe. Past either
-    limit, a one-line :class:`TrainingError`.
-    """
-    import ray
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-
-    calls = {i: getattr(s, method).remote(*args) for i, s in enumerate(shards)}
-    outs: dict[int, Any] = {}
-    attempts = {i: 0 for i in calls}
-    retried = 0
-    while calls:
-        i, ref = next(iter(calls.items()))
-        try:
-            outs[i] = ray.get(ref)
-            del calls[i]
-        except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
-            attempts[i] += 1
-            retried += 1
-            if attempts[i] > placement.step_retries:
-                raise TrainingError(f"teacher shard {i} ({labels[i]}): died {attempts[i]} times in one "
-                                    f"{method} call: {type(err).__name__}") from None
-            _wait_until_back(shards[i], f"teacher shard {i} ({labels[i]})", placement.restart_timeout_s)
-            calls[i] = getattr(shards[i], method).remote(*args)
-    return [outs[i] for i in range(len(shards))], retried
-
-
-def _wait_until_back(shard: Any, label: str, timeout_s: float) -> None:
-    """Block until a restarting shard actor answers ``ping`` (calls to it fail fast while Ray restarts
-    it), or raise a one-line :class:`TrainingError` after ``timeout_s``."""
-    import ray
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
-
-    deadline = time.monotonic() + timeout_s
-    delay = 0.1
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TrainingError(f"{label}: not back {timeout_s:g} s after it died "
-                                f"(placement.restart_timeout_s)")
-        try:
-            ray.get(shard.ping.remote(), timeout=left)
-            return
-        except ActorDiedError:  # for good: Ray has no restart left for it
-            raise TrainingError(f"{label}: died and will not be restarted "
-                                f"(placement.max_restarts exhausted)") from None
-        except (ActorUnavailableError, RayActorError, GetTimeoutError):  # still restarting
-            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(2.0, delay * 2)

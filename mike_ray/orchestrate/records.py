@@ -1,0 +1,134 @@
+"""Trial bookkeeping shared by both methods' trial drivers: the trial's typed context, its MLflow
+child run (re-opened on resume), its record (written last: its presence means "finished"), its
+failure record, and reading them back for the sweep's summary.
+
+Rules a trial driver follows (:mod:`mike_ray.orchestrate.mike_trial`, :mod:`~.mhgd_trial`):
+
+1. ``ctx.finished(trial_id)`` → the trial finished before the sweep driver died: report it, stop.
+2. ``trial_run`` opens (or re-opens) the one MLflow run of the trial.
+3. On success ``finish_trial``: final metrics, run FINISHED, the record, then the report to Tune.
+4. On any exception ``fail_trial``: run FAILED with the one-line reason, a ``trials/failed/`` record.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from mike_ray.errors import MikeRayError, find_cause, one_line
+from mike_ray.resources import PlacementConfig, WorkersConfig
+from mike_ray.tracking import RunLogger, Tracking
+from mike_ray.utils import write_json_atomic
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of one Tuner receives (frozen; ``tune.with_parameters`` ships it once).
+
+    Attributes:
+        sweep: the sweep's name (MLflow tag). sweep_dir: ``<output>/sweeps/<name>`` (records, runs).
+        tracking, parent_id: the MLflow store and the sweep's parent run.
+        method: the sweep's method (a trial's ``method`` parameter overrides it).
+        subsets: teacher subset name → teacher names (the first is the default subset).
+        placement, workers: where the trial's shards and trainer workers run.
+        import_archs: import-path archs the sweep file names (the only ones stored records may use).
+        data_root: the prepared dataset (None when the family needs none). zoo_dir: the teacher zoo.
+        settings: the family's own slice of the sweep config (e.g. transfer + downstream for MIKE).
+    """
+
+    sweep: str
+    sweep_dir: Path
+    tracking: Tracking
+    parent_id: str
+    method: str
+    subsets: Mapping[str, tuple[str, ...]]
+    placement: PlacementConfig
+    workers: WorkersConfig
+    import_archs: tuple[str, ...]
+    data_root: Path | None
+    zoo_dir: Path
+    settings: Any
+
+    def subset(self, params: Mapping[str, Any]) -> tuple[str, list[str]]:
+        """The trial's teacher subset: (name, teacher names)."""
+        name = params.get("teacher_subset") or next(iter(self.subsets))
+        return name, list(self.subsets[name])
+
+    def record_path(self, trial_id: str) -> Path:
+        return self.sweep_dir / "trials" / f"{trial_id}.json"
+
+    def finished(self, trial_id: str) -> dict[str, Any] | None:
+        """The record of a trial that finished before the driver died (Tune had not saved that yet)."""
+        path = self.record_path(trial_id)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+
+def shown_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's searched values without Tune's bookkeeping keys (``__trial_index__``)."""
+    return {k: v for k, v in params.items() if not k.startswith("__")}
+
+
+def trial_run(ctx: TrialContext, trial_id: str, tags: dict[str, str]) -> RunLogger:
+    """The trial's MLflow child run; a resumed trial re-opens its run instead of adding one."""
+    import mlflow
+
+    client = mlflow.MlflowClient(ctx.tracking.uri)
+    exp = ctx.tracking.experiment_id()
+    found = client.search_runs([exp], filter_string=f"tags.`mike_ray.trial_id` = '{trial_id}' and "
+                                                    f"tags.`mlflow.parentRunId` = '{ctx.parent_id}'", max_results=1)
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return RunLogger(client, found[0].info.run_id)
+    run = client.create_run(exp, run_name=f"trial-{trial_id}", tags={
+        "mlflow.parentRunId": ctx.parent_id, "mike_ray.trial_id": trial_id, "mike_ray.sweep": ctx.sweep,
+        "mike_ray.stage": "trial", **tags})
+    return RunLogger(client, run.info.run_id)
+
+
+def finish_trial(run: RunLogger, done: Path, record: dict[str, Any], final: dict[str, float]) -> None:
+    """A trial's last steps, in this order: final metrics, MLflow run FINISHED, the trial record
+    (its presence means "complete": a resumed sweep skips the trial), then the report to Tune."""
+    import ray.tune
+
+    run.metrics({k: v for k, v in final.items() if not (isinstance(v, float) and math.isnan(v))})
+    run.client.set_terminated(run.run_id, status="FINISHED")
+    write_json_atomic(done, record)
+    ray.tune.report(final)
+
+
+def fail_trial(run: RunLogger, sweep_dir: Path, base: dict[str, Any], err: BaseException) -> None:
+    """A trial that raised: its MLflow run ends FAILED with the one-line reason as a tag, and a
+    ``trials/failed/<id>.json`` record keeps it in the sweep's summary. Tune marks the trial ERROR
+    with the same message; the sweep goes on with the other trials."""
+    reason = one_line(str(err)) if isinstance(err, MikeRayError) else f"{type(err).__name__}: {one_line(str(err))}"
+    try:
+        run.tags({"mike_ray.status": "failed", "mike_ray.failure_reason": reason[:5000]})
+        run.client.set_terminated(run.run_id, status="FAILED")
+        write_json_atomic(sweep_dir / "trials" / "failed" / f"{base['trial_id']}.json",
+                          {**base, "status": "failed", "reason": reason})
+    except Exception:  # noqa: BLE001 - never hide the trial's own error behind a logging one
+        pass
+
+
+def warn_errored(results, what: str) -> None:
+    """Errored trials do not stop the sweep; each is listed with its reason."""
+    for r in results:
+        if r.error is not None:
+            cause = find_cause(r.error)
+            lines = [ln.strip() for ln in str(r.error).splitlines() if ln.strip()]
+            why = str(cause) if cause is not None else (lines[-1] if lines else type(r.error).__name__)
+            print(f"warning: a {what} trial failed: {why[:300]}")
+
+
+def load_records(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Every finished trial's record (written atomically at the end of the trial)."""
+    return [json.loads(p.read_text()) for p in sorted((Path(sweep_dir) / "trials").glob("*.json"))]
+
+
+def load_failed(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Records of trials that raised (status "failed", reason), minus those finished by a later resume."""
+    done = {p.stem for p in (Path(sweep_dir) / "trials").glob("*.json")}
+    return [json.loads(p.read_text()) for p in sorted((Path(sweep_dir) / "trials" / "failed").glob("*.json"))
+            if p.stem not in done]

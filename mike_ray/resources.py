@@ -1,0 +1,46 @@
+"""Where work runs: teacher shards (:class:`PlacementConfig`) and trainer workers (:class:`WorkersConfig`).
+
+Plain config models, below every method and orchestration module: the sweep config, both methods'
+shards and both trial drivers read them.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from mike_ray.config_base import StrictModel
+
+
+class PlacementConfig(StrictModel):
+    """Where teachers run.
+
+    ``teachers_per_shard``: k (consecutive teachers, k per shard), "all" (one shard), or "auto":
+    ``num_shards`` shards, teachers assigned so that every shard has about the same expected work
+    per step (:func:`partition`; under masking a teacher's work is its task's share of the query
+    rows × its forward cost, so a teacher of a rare task is cheap). ``num_shards`` applies to "auto"
+    only.
+    """
+
+    mode: Literal["ray", "local"] = "ray"
+    teachers_per_shard: Annotated[int, Field(ge=1)] | Literal["all", "auto"] = 1
+    num_shards: int = Field(2, ge=1)
+    cpus_per_shard: float = Field(1.0, ge=0)
+    gpus_per_shard: float = Field(0.0, ge=0)
+    threads: int = Field(1, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool = False  # bf16 autocast for teacher forwards; the loss and its gradient stay float32
+    max_restarts: int = Field(3, ge=0)  # Ray restarts a dead shard this many times
+    step_retries: int = Field(3, ge=0)  # a step whose shard died is sent again this many times
+    # how long a step waits for a dead shard to come back (Ray restarts it; its constructor reloads the
+    # teachers, which on a cold node means imports and weights: many seconds)
+    restart_timeout_s: float = Field(300.0, gt=0)
+
+
+class WorkersConfig(StrictModel):
+    """Trainer workers (DDP): how many, and what each takes."""
+
+    num_workers: int = Field(1, gt=0)
+    cpus_per_worker: float = Field(0.5, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    max_failures: int = Field(1, ge=0)  # worker-group restarts from the last checkpoint
