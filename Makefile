@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,9 +18,13 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m mike_ray.sweep sweeps/demo.yaml
 
-# The test suite (what .ci/run calls).
+# The test suite (what .ci/run calls), with the fifteen slowest tests at the end.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
+
+# The edit loop: everything but the multi-process Ray end-to-end tests (marker `slow`).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/data_prep.py
