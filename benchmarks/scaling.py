@@ -24,9 +24,12 @@ Variants, all stepping the same student on the same batches:
     same threads as 2 shards × 1). Run for N ≤ 11 (its memory grows with N: at 100 it does not fit).
 ``unmasked``: (a) with masking off (every teacher scores every sample), N ∈ {1, 11}.
 
-Step times: all variants' shards live in ONE process's Ray instance and are stepped round-robin
-(the order rotating every round), so load from other work on the machine hits them alike; the
-figure is the median. Memory: each N again in its own subprocess (own ``ray.init``): the student
+Step times: one process, one Ray instance, one phase per N: that N's variants and a reference
+``ours`` at N = 1 (kept alive throughout) are stepped round-robin (the order rotating every round),
+so load from other work on the machine hits them alike; figures are medians, and ``÷ N=1`` divides
+by the reference measured in the same phase. A phase's shards are stopped before the next starts
+(keeping every N's shards alive at once went out of memory on 24 GiB at N = 100). Memory: each N
+again in its own subprocess (own ``ray.init``): the student
 process's peak RSS (VmHWM) and each shard's, after warm-up + 2 steps.
 
 The last line is always:
@@ -174,22 +177,35 @@ def _ray_init(device: str) -> None:
 
 
 def _worker_time(a: dict[str, Any]) -> dict[str, Any]:
-    """Every variant of every N in this one process, stepped round-robin."""
+    """One phase per N, in this one process: that N's variants and the N = 1 reference (``ours/1``,
+    alive throughout) stepped round-robin; the phase's shards are stopped before the next one, so
+    only ~6 shard actors are ever alive (all N at once did not fit in 24 GiB). Ratios against N = 1
+    use the reference measured in the same phase."""
     import torch
 
-    from mike_ray.pool import call_shards, partition, start_shard_actors
     from mike_ray.mike.shard import MikeShardPool
+    from mike_ray.pool import call_shards, partition, start_shard_actors, stop_shard_actors
 
     torch.set_num_threads(2)
     dev = a["device"]
     _ray_init(dev)
     zoo = Path(a["zoo"])
-    variants: dict[str, Any] = {}  # label → fn(x, x̄, step) → grad
-    plans = {}
     FullBatchShard = _full_batch_shard_class()
+    student = _Student(a["student"], dev)
+    ref_case = _Case(zoo, 1)
+    ref = MikeShardPool(ref_case.refs, _placement(dev))
+    step_ms: dict[str, float] = {}
+    ref_ms: dict[int, float] = {}
+    plans = {1: ref.plan}
     for n in a["ns"]:
+        # --- this phase's variants (label → fn(x, x̄, step) → grad) ---------------------------------
         case = _Case(zoo, n)
-        ours = MikeShardPool(case.refs, _placement(dev))
+        stop: list[Any] = []
+        variants: dict[str, Any] = {
+            "ref": lambda x, xb, s: ref.step(x, xb, ref_case.task_ids(s), ref_case.weights).grad}
+        ours = ref if n == 1 else MikeShardPool(case.refs, _placement(dev))
+        if n != 1:
+            stop.append(ours.shutdown)
         plans[n] = ours.plan
         variants[f"ours/{n}"] = (lambda c, g: lambda x, xb, s: g.step(x, xb, c.task_ids(s), c.weights).grad)(case, ours)
         if n in a["unmasked"]:
@@ -198,6 +214,7 @@ def _worker_time(a: dict[str, Any]) -> dict[str, Any]:
         if n in a["full"]:
             plan = partition(case.refs, "auto", None, 2)
             shards = start_shard_actors(FullBatchShard, [(g, dev, 1, False) for g in plan], _placement(dev))
+            stop.append(lambda shards=shards: stop_shard_actors(shards))
 
             def full(x, xb, s, c=case, shards=shards):
                 import ray
@@ -210,17 +227,21 @@ def _worker_time(a: dict[str, Any]) -> dict[str, Any]:
             variants[f"full-batch/{n}"] = full
         if n in a["peer"]:
             variants[f"peer/{n}"] = _peer_fn(case, dev)
-    student = _Student(a["student"], dev)
-    labels = list(variants)
-    times: dict[str, list[float]] = {k: [] for k in labels}
-    for r in range(a["warmup"] + a["steps"]):
-        order = labels[r % len(labels):] + labels[:r % len(labels)]  # rotate who goes first
-        for k in order:
-            t = student.step(variants[k])
-            if r >= a["warmup"]:
-                times[k].append(t)
-        print(f"  round {r + 1}/{a['warmup'] + a['steps']}", file=sys.stderr, flush=True)
-    return {"step_ms": {k: statistics.median(v) * 1000 for k, v in times.items()}, "plans": plans}
+        # --- round-robin rounds, the order rotating every round ------------------------------------
+        labels = list(variants)
+        times: dict[str, list[float]] = {k: [] for k in labels}
+        for r in range(a["warmup"] + a["steps"]):
+            order = labels[r % len(labels):] + labels[:r % len(labels)]
+            for k in order:
+                t = student.step(variants[k])
+                if r >= a["warmup"]:
+                    times[k].append(t)
+            print(f"  N={n}: round {r + 1}/{a['warmup'] + a['steps']}", file=sys.stderr, flush=True)
+        ref_ms[n] = statistics.median(times.pop("ref")) * 1000
+        step_ms.update({k: statistics.median(v) * 1000 for k, v in times.items()})
+        for f in stop:
+            f()
+    return {"step_ms": step_ms, "ref_ms": ref_ms, "plans": plans}
 
 
 def _worker_mem(a: dict[str, Any]) -> dict[str, Any]:
@@ -266,18 +287,18 @@ def _run(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     return run_worker(__file__, spec, timeout, f"{spec['role']} {spec.get('n', spec.get('ns', ''))}")
 
 
-def _table(ns: list[int], times: dict[str, float], mem: dict[int, dict[str, Any]]) -> None:
-    base = times[f"ours/{ns[0]}"]
-    hdr = (f"{'N':>4} | {'ours ms':>8} | {'÷ N=1':>6} | {'full-batch ms':>13} | {'÷ ours':>6} | {'peer ms':>8} | "
-           f"{'÷ ours':>6} | {'unmasked ms':>11} | {'student MB':>10} | {'shards MB':>13}")
+def _table(ns: list[int], times: dict[str, float], ref: dict[int, float], mem: dict[int, dict[str, Any]]) -> None:
+    """``÷ N=1``: ours at N over the N = 1 reference stepped in the same phase (``N=1 ms``)."""
+    hdr = (f"{'N':>4} | {'ours ms':>8} | {'N=1 ms':>7} | {'÷ N=1':>6} | {'full-batch ms':>13} | {'÷ ours':>6} | "
+           f"{'peer ms':>8} | {'÷ ours':>6} | {'unmasked ms':>11} | {'student MB':>10} | {'shards MB':>13}")
     print(hdr)
     print("-" * len(hdr))
     for n in ns:
         o = times[f"ours/{n}"]
         fb, pr, um = times.get(f"full-batch/{n}"), times.get(f"peer/{n}"), times.get(f"unmasked/{n}")
         m = mem[n]
-        print(f"{n:>4} | {o:8.0f} | {o / base:6.2f} | {_f(fb):>13} | {_f(fb and fb / o, '.2f'):>6} | {_f(pr):>8} | "
-              f"{_f(pr and pr / o, '.2f'):>6} | {_f(um):>11} | {m['peak_mb']:10.0f} | "
+        print(f"{n:>4} | {o:8.0f} | {ref[n]:7.0f} | {o / ref[n]:6.2f} | {_f(fb):>13} | {_f(fb and fb / o, '.2f'):>6} | "
+              f"{_f(pr):>8} | {_f(pr and pr / o, '.2f'):>6} | {_f(um):>11} | {m['peak_mb']:10.0f} | "
               f"{' + '.join(f'{v:.0f}' for v in m['shard_peak_mb']):>13}")
 
 
@@ -333,10 +354,10 @@ def main() -> None:
           f"round-robin rounds after {warmup} warm-up; {os.cpu_count()} CPU cores")
     for size, (sns, timed, mem) in results.items():
         print(f"\n{size} teachers (18 taps each):")
-        _table(sns, timed["step_ms"], mem)
+        _table(sns, timed["step_ms"], {int(k): v for k, v in timed["ref_ms"].items()}, mem)
     sns, timed, mem = results["tiny"]
     t = timed["step_ms"]
-    step_ratio = t[f"ours/{sns[-1]}"] / t["ours/1"]
+    step_ratio = t[f"ours/{sns[-1]}"] / timed["ref_ms"][str(sns[-1])]  # both from the N = 100 phase (JSON keys)
     mem_ratio = mem[sns[-1]]["peak_mb"] / mem[1]["peak_mb"]
     peer_ratio = t["peer/11"] / t["ours/11"]
     targets = [("step 100/1 ≤ 1.5", step_ratio <= 1.5), ("student mem 100/1 ≤ 1.05", mem_ratio <= 1.05),

@@ -24,11 +24,12 @@ from pydantic import Field, field_validator
 
 from mike_ray.config_base import StrictModel
 from mike_ray.data.classification import ClassificationData, load_splits
-from mike_ray.errors import DataError, ModelError, one_line
+from mike_ray.errors import DataError, one_line
 from mike_ray.models.classifiers import DEFAULT_TEACHER
 from mike_ray.models.registry import ModelSpec, build_model, load_weights, save_weights
 from mike_ray.tracking import Tracking
 from mike_ray.utils import atomic_dir, config_key, resolve_device, write_json_atomic
+from mike_ray.zoo import is_complete, train_missing, write_manifest
 
 __all__ = ["ClassifierTrainConfig", "ClassifierZooConfig", "build_classifier_zoo", "data_fingerprint",
            "load_classifier", "read_classifier_zoo", "train_classifier"]
@@ -154,40 +155,20 @@ def build_classifier_zoo(cfg: ClassifierZooConfig, data: ClassificationData, out
     Re-uses a complete zoo with the same key, and the finished teachers of an interrupted one.
     Requires ``ray.init``.
     """
-    import ray
-
     zoo_dir = Path(out_root) / "classifier_zoo" / zoo_key(cfg, data, data_fingerprint(data))
-    if (zoo_dir / "zoo.json").is_file():
+    if is_complete(zoo_dir):
         return zoo_dir
-    todo = [n for n in cfg.teachers if not (zoo_dir / n / "teacher.json").is_file()]
-    remote = ray.remote(num_cpus=cfg.cpus_per_teacher, num_gpus=cfg.gpus_per_teacher, max_retries=1)(train_classifier)
-    pending = {remote.remote(n, cfg.teachers[n], data, cfg, zoo_dir): n for n in todo}
-    bar = None
-    if progress and pending:
-        from tqdm import tqdm
 
-        bar = tqdm(total=len(pending), desc="classifier teachers", unit="teacher")
-    try:
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            name = pending.pop(done[0])
-            try:
-                rec = ray.get(done[0])
-            except Exception as err:  # noqa: BLE001 - a typed error from the task, wrapped by Ray
-                from mike_ray.errors import find_cause
+    def done(name: str, rec: dict[str, Any]) -> str:
+        if tracking is not None:
+            _log_classifier(tracking, zoo_dir / name, rec, parent_run_id)
+        return f"{name} acc {rec['best_acc']:.3f}"
 
-                cause = find_cause(err)
-                raise (cause or ModelError(f"teacher '{name}': training failed: {one_line(str(err))[:300]}")) from None
-            if tracking is not None:
-                _log_classifier(tracking, zoo_dir / name, rec, parent_run_id)
-            if bar is not None:
-                bar.set_postfix_str(f"{name} acc {rec['best_acc']:.3f}")
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+    train_missing(zoo_dir, list(cfg.teachers), train_classifier, lambda n: (n, cfg.teachers[n], data, cfg, zoo_dir),
+                  cpus=cfg.cpus_per_teacher, gpus=cfg.gpus_per_teacher, desc="classifier teachers", on_done=done,
+                  progress=progress)
     records = {n: read_classifier(zoo_dir / n) for n in cfg.teachers}
-    write_json_atomic(zoo_dir / "zoo.json", {
+    write_manifest(zoo_dir, {
         "format": CLASSIFIER_ZOO_FORMAT, "config": cfg.model_dump(mode="json"), "data": data.model_dump(mode="json"),
         "teachers": {n: {"best_acc": r["best_acc"], "last_acc": r["last_acc"], "path": n} for n, r in records.items()},
     })

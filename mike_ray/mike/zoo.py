@@ -21,7 +21,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Collection, Literal, Sequence
+from typing import Any, Collection, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -32,6 +32,7 @@ from mike_ray.errors import DataError, ModelError, one_line
 from mike_ray.metrics import IoUMeter, prevalence_iou
 from mike_ray.tracking import Tracking
 from mike_ray.utils import atomic_dir, config_key, limit_threads, resolve_device, seed_everything, write_json_atomic
+from mike_ray.zoo import is_complete, train_missing, write_manifest
 
 ZOO_FORMAT = 2  # 2: teacher.json has test_iou/test_miou (1 had val only)
 
@@ -144,7 +145,7 @@ def train_teacher(task: str, data_root: Path, cfg: ZooConfig, out_dir: Path) -> 
     limit_threads(cfg.threads)
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()
-    gen = seed_everything(cfg.train.seed + TASK_CODES.index(task))
+    seed_everything(cfg.train.seed + TASK_CODES.index(task))
 
     train_ds = ShardDataset(data_root, "train", [task], limit=cfg.train.max_train_samples, seed=cfg.train.seed)
     val_ds = ShardDataset(data_root, "val", [task])
@@ -295,32 +296,20 @@ def build_zoo(cfg: ZooConfig, data_root: Path, out_root: Path, tracking: Trackin
     Each teacher's per-epoch metrics and final IoU go to MLflow (one run per teacher, nested under
     ``parent_run_id``) when ``tracking`` is given. Requires ``ray.init`` to have been called.
     """
-    import ray
-
     zoo_dir = Path(out_root) / "zoo" / zoo_key(cfg, _data_hash(data_root))
-    if (zoo_dir / "zoo.json").is_file():
+    if is_complete(zoo_dir):
         return zoo_dir
-    todo = [t for t in cfg.tasks if not (zoo_dir / t / "teacher.json").is_file()]
-    remote = ray.remote(num_cpus=cfg.cpus_per_teacher, num_gpus=cfg.gpus_per_teacher, max_retries=1)(train_teacher)
-    pending = {remote.remote(t, Path(data_root), cfg, zoo_dir): t for t in todo}
-    bar = None
-    if progress and pending:
-        from tqdm import tqdm
 
-        bar = tqdm(total=len(pending), desc="teacher zoo", unit="teacher")
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        task = pending.pop(done[0])
-        rec: TeacherRecord = ray.get(done[0])
+    def done(task: str, rec: TeacherRecord) -> str:
         if tracking is not None:
             _log_teacher(tracking, rec, parent_run_id)
-        if bar is not None:
-            bar.set_postfix_str(f"{task} mIoU {rec.val_miou:.3f}")
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        return f"{task} mIoU {rec.val_miou:.3f}"
+
+    train_missing(zoo_dir, list(cfg.tasks), train_teacher, lambda t: (t, Path(data_root), cfg, zoo_dir),
+                  cpus=cfg.cpus_per_teacher, gpus=cfg.gpus_per_teacher, desc="teacher zoo", on_done=done,
+                  progress=progress)
     records = [read_teacher(zoo_dir / t) for t in cfg.tasks]
-    write_json_atomic(zoo_dir / "zoo.json", {
+    write_manifest(zoo_dir, {
         "format": ZOO_FORMAT, "config": cfg.model_dump(), "data_root": str(data_root),
         "teachers": {r.name: {"task": r.task, "val_miou": _nan_to_none(r.val_miou),
                               "test_miou": _nan_to_none(r.test_miou), "path": r.name} for r in records},

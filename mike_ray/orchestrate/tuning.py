@@ -67,6 +67,26 @@ def trial_resources(cfg: SweepConfig, family: Family, methods: list[str], n_teac
     return PlacementGroupFactory(bundles, strategy="PACK")
 
 
+def search_space(cfg: SweepConfig, seeds: Any) -> dict[str, Any]:
+    """The grid search's param space: every combination of the search's choice lists × ``seeds``."""
+    import ray.tune
+
+    space = {name: ray.tune.grid_search(list(dim)) for name, dim in cfg.search if dim is not None}
+    space["__trial_index__"] = seeds
+    return space
+
+
+def trial_context(cfg: SweepConfig, data_root: Path | None, zoo_dir: Path, tracking: Tracking | None,
+                  parent_id: str, sweep_dir: Path) -> TrialContext:
+    """The frozen context every trial of this sweep receives: its slice of the config, not the config."""
+    return TrialContext(
+        sweep=cfg.name, sweep_dir=sweep_dir, tracking=tracking, parent_id=parent_id, method=cfg.method,
+        subsets={name: tuple(cfg.subset(name)) for name in cfg.teacher_subsets},
+        placement=cfg.resources.placement, workers=cfg.resources.workers,
+        import_archs=tuple(sorted(import_archs(cfg.model_dump(mode="json")))),
+        data_root=data_root, zoo_dir=zoo_dir, settings=family_of(cfg).settings(cfg, data_root))
+
+
 # --- the Tuners ---------------------------------------------------------------------------------------
 def _tuner(trainable, name: str, storage: Path, tune_config, param_space, resume: bool):
     import ray.tune
@@ -96,12 +116,7 @@ def run_trials(cfg: SweepConfig, data_root: Path | None, zoo_dir: Path, tracking
 
         sweep_dir.rename(sweep_dir.with_name(f"{cfg.name}.{time.strftime('%Y%m%d-%H%M%S')}"))
     storage = sweep_dir / "tune"
-    ctx = TrialContext(
-        sweep=cfg.name, sweep_dir=sweep_dir, tracking=tracking, parent_id=parent_id, method=cfg.method,
-        subsets={name: tuple(cfg.subset(name)) for name in cfg.teacher_subsets},
-        placement=cfg.resources.placement, workers=cfg.resources.workers,
-        import_archs=tuple(sorted(import_archs(cfg.model_dump(mode="json")))),
-        data_root=data_root, zoo_dir=zoo_dir, settings=family.settings(cfg, data_root))
+    ctx = trial_context(cfg, data_root, zoo_dir, tracking, parent_id, sweep_dir)
     study = cfg.study
     seeds = ray.tune.grid_search(list(range(study.repeats)))
 
@@ -118,8 +133,7 @@ def run_trials(cfg: SweepConfig, data_root: Path | None, zoo_dir: Path, tracking
     # --- the search: every combination (grid) or an Optuna study -------------------------------------
     n_max = max(len(cfg.subset(s)) for s in cfg.teacher_subsets)
     if study.algorithm == "grid":
-        space = {name: ray.tune.grid_search(list(dim)) for name, dim in cfg.search if dim is not None}
-        space["__trial_index__"] = seeds
+        space = search_space(cfg, seeds)
         tune_config = ray.tune.TuneConfig(max_concurrent_trials=study.concurrency)
     else:
         searcher = OptunaSearch(space=DefineByRun(cfg), metric=study.objective, mode=study.direction,
