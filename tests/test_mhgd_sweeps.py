@@ -1,4 +1,4 @@
-"""The MHGD sweeps end to end: sweeps/mhgd_methods.yaml (every method) and sweeps/mhgd_heads.yaml with one
+"""The MHGD sweeps end to end: sweeps/mhgd_methods.yaml (three methods, see SWEPT) and sweeps/mhgd_heads.yaml with one
 trial made to diverge, smoke profiles, on a real local Ray, real generated COCO-format crops and a real
 MLflow store (one output dir: the second sweep re-uses the data and the classifier teacher of the first).
 
@@ -12,11 +12,16 @@ from pathlib import Path
 import pytest
 
 from mike_ray.config import load_sweep
-from mike_ray.mhgd.config import METHODS
 from mike_ray.orchestrate.driver import run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
+# Three of the six methods through the whole sweep (Tune trial → shards → TorchTrainer → accuracy):
+# the teacherless baseline, an initialisation-stage method and MHGD (phase 1, clipping). Every
+# method's run is tested in process (tests/test_mhgd_train.py: runs, resumes from every stage) and
+# every method's teacher targets through real shards (tests/test_mhgd_ray.py); the other three as
+# sweep trials add ~50 s and no code path the first three do not take.
+SWEPT = ["student", "fsp", "mhgd"]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +29,7 @@ def sweeps(ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("mhgd-sweeps")
     done = {}
     path = ROOT / "sweeps" / "mhgd_methods.yaml"
-    cfg = load_sweep(path, [f"output={out}"], profile="smoke")
+    cfg = load_sweep(path, [f"output={out}", f"search.method=[{', '.join(SWEPT)}]"], profile="smoke")
     done["mhgd_methods"] = (cfg, run_sweep(cfg, path))
     # fault: the heads sweep again, one of its two trials at an lr that makes the student diverge.
     # Batch 8: several steps per epoch on the smoke train split, so the huge step is followed by a
@@ -68,12 +73,27 @@ def test_heads_grid_gives_every_head_count_its_trial(tmp_path) -> None:
         assert run.seed == cfg.mhgd.seed + t["__trial_index__"]
 
 
-def test_methods_sweep_runs_every_method_and_logs_the_accuracy_table(sweeps) -> None:
+def test_methods_grid_gives_every_method_its_trial(tmp_path) -> None:
+    """In process: the shipped methods sweep searches all six methods, one trial config each."""
+    import ray.tune
+    from ray.tune.search.variant_generator import generate_variants
+
+    from mike_ray.mhgd.config import METHODS
+    from mike_ray.orchestrate.mhgd_trial import mhgd_settings
+    from mike_ray.orchestrate.tuning import search_space, trial_context
+
+    cfg = load_sweep(ROOT / "sweeps" / "mhgd_methods.yaml", [f"output={tmp_path}"], profile="smoke")
+    trials = [spec for _, spec in generate_variants(search_space(cfg, ray.tune.grid_search([0])))]
+    ctx = trial_context(cfg, tmp_path / "prepared", tmp_path / "zoo", None, "parent", tmp_path)
+    assert sorted(mhgd_settings(ctx, t)[0].method for t in trials) == sorted(METHODS)
+
+
+def test_methods_sweep_runs_its_methods_and_logs_the_accuracy_table(sweeps) -> None:
     cfg, summary = sweeps["mhgd_methods"]
-    assert sorted(r["method"] for r in summary.trials) == sorted(m for m in METHODS for _ in range(cfg.study.repeats))
+    assert sorted(r["method"] for r in summary.trials) == sorted(m for m in SWEPT for _ in range(cfg.study.repeats))
     assert not summary.failed
     client, kids = _children(summary)
-    assert len(kids) == len(METHODS) * cfg.study.repeats
+    assert len(kids) == len(SWEPT) * cfg.study.repeats
     for k in kids:
         assert k.info.status == "FINISHED"
         assert {"acc/best", "acc/last", "acc/val"} <= set(k.data.metrics)
@@ -85,7 +105,7 @@ def test_methods_sweep_runs_every_method_and_logs_the_accuracy_table(sweeps) -> 
     assert {"accuracy_table.md", "accuracy_table.json", "resolved_config.json"} <= \
         {a.path for a in client.list_artifacts(summary.parent_run_id)}
     table = Path(client.download_artifacts(summary.parent_run_id, "accuracy_table.md")).read_text()
-    for m in METHODS:
+    for m in SWEPT:
         assert f"| {m}" in table
     assert "| teacher teacher |" in table and table == summary.accuracy_table() + "\n"
     # the printed summary holds the same table
