@@ -78,6 +78,39 @@ def describe_plan(groups: Sequence[Sequence[Any]], work: Sequence[float] | None,
     return "\n".join(lines)
 
 
+class ShardPool:
+    """The client side both methods' shard pools share (:class:`mike_ray.mike.shard.MikeShardPool`,
+    :class:`mike_ray.mhgd.shard.MHGDShardPool`). A subclass sets ``placement``, ``groups`` (each
+    shard's teacher refs, with ``.name``), ``shards`` (actor handles, or in-process shard objects when
+    ``placement.mode == "local"``) and ``retries = 0``; it adds what its method asks of the shards."""
+
+    placement: PlacementConfig
+    groups: list[list[Any]]
+    shards: list[Any]
+    retries: int
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        """``shard.method(*args)`` on every shard, answers in shard order. In process: called as they
+        are (tensors stay on the caller's device). On Ray: every tensor argument is put in the object
+        store once for all shards (on the CPU), the shards run in parallel, and a shard that died is
+        waited for and called again (:func:`call_shards`); re-sent calls count in ``retries``."""
+        if self.placement.mode == "local":
+            return [getattr(s, method)(*args) for s in self.shards]
+        import ray
+
+        refs = [ray.put(a.detach().cpu()) if isinstance(a, torch.Tensor) else a for a in args]
+        labels = [", ".join(r.name for r in g) for g in self.groups]
+        outs, retried = call_shards(self.shards, labels, method, refs, self.placement)
+        self.retries += retried
+        return outs
+
+    def shutdown(self) -> None:
+        """Kill the shard actors (in-process shards are just dropped)."""
+        if self.placement.mode == "ray":
+            stop_shard_actors(self.shards)
+        self.shards = []
+
+
 def start_shard_actors(cls: type, args: Sequence[tuple], placement: PlacementConfig,
                        placement_group: object | None = None, first_bundle: int = 0,
                        concurrency: int = 1) -> list[Any]:

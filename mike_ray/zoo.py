@@ -7,10 +7,11 @@ its training task) and a ``zoo.json`` whose presence means "complete". The metho
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from mike_ray.errors import ModelError, find_cause, one_line
+from mike_ray.errors import DataError, ModelError, find_cause, one_line
 from mike_ray.utils import write_json_atomic
 
 
@@ -61,3 +62,15 @@ def train_missing(zoo_dir: Path, names: Sequence[str], train_fn: Callable[..., A
 def write_manifest(zoo_dir: Path, manifest: Mapping[str, Any]) -> None:
     """``zoo.json``, written atomically and last: from now on the zoo is complete and re-used."""
     write_json_atomic(Path(zoo_dir) / "zoo.json", dict(manifest))
+
+
+def manifest_names(zoo_dir: Path, what: str) -> list[str]:
+    """The teacher names a complete zoo's ``zoo.json`` lists (``what``: "teacher zoo", … for messages);
+    a missing or malformed manifest is a one-line :class:`DataError`."""
+    path = Path(zoo_dir) / "zoo.json"
+    if not path.is_file():
+        raise DataError(f"{path}: {what} manifest not found (is the zoo built?)")
+    try:
+        return list(json.loads(path.read_text())["teachers"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise DataError(f"{path}: malformed zoo manifest: {one_line(str(err))[:200]}") from None

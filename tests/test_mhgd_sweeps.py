@@ -31,11 +31,12 @@ def sweeps(ray_local, tmp_path_factory):
     path = ROOT / "sweeps" / "mhgd_methods.yaml"
     cfg = load_sweep(path, [f"output={out}", f"search.method=[{', '.join(SWEPT)}]"], profile="smoke")
     done["mhgd_methods"] = (cfg, run_sweep(cfg, path))
-    # fault: the heads sweep again, one of its two trials at an lr that makes the student diverge.
+    # fault: the heads sweep, its one trial at an lr that makes the student diverge (trials that finish
+    # beside a failed one: the methods sweep's; here the sweep must finish with the failure recorded).
     # Batch 8: several steps per epoch on the smoke train split, so the huge step is followed by a
     # forward pass that sees it (with a single step per epoch nothing can diverge)
     path = ROOT / "sweeps" / "mhgd_heads.yaml"
-    cfg = load_sweep(path, [f"output={out}", "name=mhgd_nan", "search.num_heads=[2]", "search.lr=[0.05, 1.0e12]",
+    cfg = load_sweep(path, [f"output={out}", "name=mhgd_nan", "search.num_heads=[2]", "search.lr=[1.0e12]",
                             "mhgd.batch_size=8"], profile="smoke")
     done["nan"] = (cfg, run_sweep(cfg, path))
     return done
@@ -129,7 +130,7 @@ def test_a_diverging_trial_fails_with_its_reason_in_tune_and_mlflow_and_the_swee
 
     cfg, summary = sweeps["nan"]
     # the sweep finished: the sane trial has its result, the diverging one is listed with its reason
-    assert [r["params"]["lr"] for r in summary.trials] == [0.05]
+    assert summary.trials == []
     assert len(summary.failed) == 1 and summary.failed[0]["params"]["lr"] == 1.0e12
     reason = summary.failed[0]["reason"]
     assert "\n" not in reason and "at epoch 1" in reason and ("nan" in reason or "inf" in reason), reason
@@ -138,12 +139,11 @@ def test_a_diverging_trial_fails_with_its_reason_in_tune_and_mlflow_and_the_swee
     grid = ray.tune.Tuner.restore(str(cfg.output_dir() / "sweeps" / cfg.name / "tune" / "search"),
                                   trainable=mhgd_trial_fn).get_results()
     errors = [r.error for r in grid if r.error is not None]
-    assert len(grid) == 2 and len(errors) == 1 and reason in str(errors[0])
+    assert len(grid) == 1 and len(errors) == 1 and reason in str(errors[0])
     # MLflow: the trial's run FAILED with the reason as a tag; the parent FINISHED, with 1 failed trial
     client, kids = _children(summary)
-    by_status = {k.info.status: k for k in kids}
-    assert sorted(by_status) == ["FAILED", "FINISHED"]
-    assert by_status["FAILED"].data.tags["mike_ray.failure_reason"] == reason
+    assert [k.info.status for k in kids] == ["FAILED"]
+    assert kids[0].data.tags["mike_ray.failure_reason"] == reason
     parent = client.get_run(summary.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials/failed"] == 1.0
     table = Path(client.download_artifacts(summary.parent_run_id, "accuracy_table.md")).read_text()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import TINY_AE, kill_train_worker_after_first_checkpoint
+from conftest import TINY_AE
 from mike_ray.errors import TrainingError
 from mike_ray.mike.train import TransferConfig
 from mike_ray.resources import PlacementConfig, WorkersConfig
@@ -30,30 +30,3 @@ def test_a_diverging_run_stops_with_a_one_line_training_error(tiny_prepared, ray
         run_transfer(cfg, [], tiny_prepared, ["DCH"], PlacementConfig(),
                      WorkersConfig(num_workers=1, cpus_per_worker=0.5, max_failures=0), tmp_path, "nan")
     assert "\n" not in str(err.value)
-
-
-def test_a_killed_trainer_worker_resumes_from_the_last_checkpoint(tiny_prepared, ray_local, tmp_path) -> None:
-    """SIGKILL the Train worker after its first checkpoint: FailureConfig restarts the worker group,
-    which resumes after the last checkpointed epoch — the epochs before it are not trained again."""
-    import threading
-
-
-    from mike_ray.mike.train import CKPT_FILE, load_checkpoint
-
-    cfg = TransferConfig(method="pixel", model=TINY_AE, epochs=8, batch_size=8, val_batches=1, device="cpu")
-    workers = WorkersConfig(num_workers=1, cpus_per_worker=0.5, max_failures=1)
-    seen: dict[str, object] = {}
-    killer = threading.Thread(target=kill_train_worker_after_first_checkpoint,
-                              args=(tmp_path / "kill", CKPT_FILE, tmp_path / "before-kill.pt", seen), daemon=True)
-    killer.start()
-    res = run_transfer(cfg, [], tiny_prepared, ["DCH", "CTB"], PlacementConfig(), workers, tmp_path, "kill")
-    killer.join(5)
-    assert seen.get("killed"), "the worker was not killed"
-    saved = load_checkpoint(seen["checkpoint"])
-    done_before = [h["epoch"] for h in saved.history]
-    assert done_before and done_before[-1] < cfg.epochs - 1, "the run had finished before the kill"
-    # every epoch once; those checkpointed before the kill are the stored ones (not re-run), so at
-    # most the epoch in flight when the worker died was lost
-    assert [h["epoch"] for h in res.history] == list(range(cfg.epochs))
-    assert res.history[:len(saved.history)] == saved.history
-

@@ -17,13 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from mike_ray.errors import ModelError
 from mike_ray.mhgd.config import MHGDConfig
 from mike_ray.mhgd.teachers import LocalTeachers, TeacherSet, TeacherTargets, frozen_teacher
-from mike_ray.pool import call_shards, partition, start_shard_actors, stop_shard_actors
+from mike_ray.pool import ShardPool, partition, start_shard_actors
 from mike_ray.resources import PlacementConfig
 from mike_ray.utils import limit_threads, resolve_device
 
@@ -71,7 +70,7 @@ class MHGDShard:
         return True
 
 
-class MHGDShardPool(TeacherSet):
+class MHGDShardPool(TeacherSet, ShardPool):
     """Teacher classifiers on shards: Ray actors (``placement.mode = "ray"``) or in-process ("local").
 
     ``teachers_per_shard`` groups teachers on one shard (run one after another there); shards answer
@@ -100,24 +99,7 @@ class MHGDShardPool(TeacherSet):
         ray.get([s.ping.remote() for s in self.shards])  # weights load now: a bad teacher fails here
 
     def outputs(self, x: Tensor, method: str) -> list[TeacherTargets]:
-        return [t for out in self._call("outputs", x.detach().cpu(), method) for t in out]
+        return [t for out in self.call("outputs", x.detach().cpu(), method) for t in out]
 
     def probe(self, x: Tensor) -> list[tuple[list[Tensor], Tensor | None]]:
-        return [p for out in self._call("probe", x.detach().cpu()) for p in out]
-
-    def _call(self, fn: str, *args: Any) -> list[Any]:
-        if self.placement.mode == "local":
-            return [getattr(s, fn)(*args) for s in self.shards]
-        import ray
-
-        refs = [ray.put(a) if isinstance(a, torch.Tensor) else a for a in args]  # one copy for every shard
-        labels = [", ".join(r.name for r in g) for g in self.groups]
-        outs, retried = call_shards(self.shards, labels, fn, refs, self.placement)
-        self.retries += retried
-        return outs
-
-    def shutdown(self) -> None:
-        """Kill the shard actors (local shards are just dropped)."""
-        if self.placement.mode == "ray":
-            stop_shard_actors(self.shards)
-        self.shards = []
+        return [p for out in self.call("probe", x.detach().cpu()) for p in out]

@@ -29,7 +29,7 @@ from mike_ray.models.classifiers import DEFAULT_TEACHER
 from mike_ray.models.registry import ModelSpec, build_model, load_weights, save_weights
 from mike_ray.tracking import Tracking
 from mike_ray.utils import atomic_dir, config_key, resolve_device, write_json_atomic
-from mike_ray.zoo import is_complete, train_missing, write_manifest
+from mike_ray.zoo import is_complete, manifest_names, train_missing, write_manifest
 
 __all__ = ["ClassifierTrainConfig", "ClassifierZooConfig", "build_classifier_zoo", "data_fingerprint",
            "load_classifier", "read_classifier_zoo", "train_classifier"]
@@ -177,14 +177,7 @@ def build_classifier_zoo(cfg: ClassifierZooConfig, data: ClassificationData, out
 
 def read_classifier_zoo(zoo_dir: Path) -> dict[str, dict[str, Any]]:
     """Every teacher record of a complete classifier zoo, by name."""
-    path = Path(zoo_dir) / "zoo.json"
-    if not path.is_file():
-        raise DataError(f"{path}: classifier zoo manifest not found (is the zoo built?)")
-    try:
-        names = list(json.loads(path.read_text())["teachers"])
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise DataError(f"{path}: malformed zoo manifest: {one_line(str(err))[:200]}") from None
-    return {n: read_classifier(Path(zoo_dir) / n) for n in names}
+    return {n: read_classifier(Path(zoo_dir) / n) for n in manifest_names(zoo_dir, "classifier zoo")}
 
 
 def _log_classifier(tracking: Tracking, teacher_dir: Path, rec: dict[str, Any], parent_run_id: str | None) -> None:

@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 import torch
 
 from mike_ray.errors import ModelError, TrainingError
-from mike_ray.pool import call_shards, describe_plan, forward_flops, partition, start_shard_actors, stop_shard_actors
+from mike_ray.pool import ShardPool, describe_plan, forward_flops, partition, start_shard_actors
 from mike_ray.resources import PlacementConfig
 from mike_ray.utils import limit_threads, resolve_device
 
@@ -245,7 +245,7 @@ class StepResult:
     shard_seconds: list[float] = field(default_factory=list)
 
 
-class MikeShardPool:
+class MikeShardPool(ShardPool):
     """All shards of one run, local or as Ray actors; :meth:`step` fans out and sums gradients.
 
     Actor handles are serialisable: a trial driver creates the group once and every trainer worker
@@ -293,10 +293,7 @@ class MikeShardPool:
              need_grad: bool = True) -> StepResult:
         """Every shard's loss and gradient for this batch, summed. Shards run in parallel (Ray)."""
         xbar = xbar.detach()
-        if self.placement.mode == "local":
-            outs = [s.step(x, xbar, task_ids, weights, masking, need_grad) for s in self.shards]
-        else:
-            outs = self._ray_step(x, xbar, task_ids, weights, masking, need_grad)
+        outs = self.call("step", x, xbar, task_ids, weights, masking, need_grad)
         grad = outs[0].grad.to(xbar.dtype)
         for o in outs[1:]:
             grad = grad + o.grad.to(xbar.dtype)
@@ -307,22 +304,5 @@ class MikeShardPool:
             counts.update(o.counts)
         return StepResult(sum(o.loss for o in outs), terms, grad.to(xbar.device), counts, self.retries,
                           [o.seconds for o in outs])
-
-    def _ray_step(self, x, xbar, task_ids, weights, masking, need_grad) -> list[ShardOutput]:
-        import ray
-
-        # one copy of the batch in the object store, shared by every shard
-        refs = [ray.put(t.detach().cpu()) for t in (x, xbar, task_ids)]
-        labels = [", ".join(r.name for r in g) for g in self.groups]
-        outs, retried = call_shards(self.shards, labels, "step", (*refs, weights, masking, need_grad),
-                                    self.placement)
-        self.retries += retried
-        return outs
-
-    def shutdown(self) -> None:
-        """Kill the shard actors (local shards are just dropped)."""
-        if self.placement.mode == "ray":
-            stop_shard_actors(self.shards)
-        self.shards = []
 
 

@@ -32,7 +32,7 @@ from mike_ray.errors import DataError, ModelError, one_line
 from mike_ray.metrics import IoUMeter, prevalence_iou
 from mike_ray.tracking import Tracking
 from mike_ray.utils import atomic_dir, config_key, limit_threads, resolve_device, seed_everything, write_json_atomic
-from mike_ray.zoo import is_complete, train_missing, write_manifest
+from mike_ray.zoo import is_complete, manifest_names, train_missing, write_manifest
 
 ZOO_FORMAT = 2  # 2: teacher.json has test_iou/test_miou (1 had val only)
 
@@ -319,14 +319,7 @@ def build_zoo(cfg: ZooConfig, data_root: Path, out_root: Path, tracking: Trackin
 
 def read_zoo(zoo_dir: Path) -> dict[str, TeacherRecord]:
     """All teacher records of a complete zoo, by name (a missing zoo.json is a :class:`DataError`)."""
-    path = Path(zoo_dir) / "zoo.json"
-    if not path.is_file():
-        raise DataError(f"{path}: teacher zoo manifest not found (is the zoo built?)")
-    try:
-        names = list(json.loads(path.read_text())["teachers"])
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise DataError(f"{path}: malformed zoo manifest: {err}") from None
-    return {n: read_teacher(Path(zoo_dir) / n) for n in names}
+    return {n: read_teacher(Path(zoo_dir) / n) for n in manifest_names(zoo_dir, "teacher zoo")}
 
 
 def _log_teacher(tracking: Tracking, rec: TeacherRecord, parent_run_id: str | None) -> None:
