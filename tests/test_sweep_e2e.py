@@ -1,10 +1,10 @@
 """The main job end to end on a real local Ray, real MLflow store, real generated COCO data.
 
 One smoke sweep (tiny, from sweeps/demo.yaml's `smoke` profile, 3 transfer epochs) is run once per
-module, with two real faults injected into its MIKE trial: its trainer worker is SIGKILLed after the
-first registered checkpoint, then one of its teacher shards in the middle of a step. The tests read
-what it left through the MLflow client, an `mlflow server` REST API, a killed-and-resumed run and a
-`ray job submit` to a local head.
+module, with three real faults: its driver process is SIGKILLed after the first trial finished and the
+sweep is resumed; in the resumed MIKE trial its trainer worker is SIGKILLed after the first registered
+checkpoint, then one of its teacher shards in the middle of a step. The tests read what it left
+through the MLflow client and an `mlflow server` REST API.
 """
 from __future__ import annotations
 
@@ -29,23 +29,48 @@ SWEEP = ROOT / "sweeps" / "demo.yaml"
 pytestmark = pytest.mark.slow
 
 
+OVERRIDES = ["study.trials=1", "search.teacher_subset=[three]", "transfer.epochs=3"]
+
+
 @pytest.fixture(scope="module")
 def smoke(ray_local, tmp_path_factory):
+    """One smoke sweep, hit by three faults: its driver process is SIGKILLed once the pixel baseline
+    has finished, the sweep is resumed (here, in process), and in the resumed MIKE trial a trainer
+    worker and then a teacher shard are SIGKILLed."""
     import threading
 
     out = tmp_path_factory.mktemp("sweep-out")
-    cfg = load_sweep(SWEEP, [f"output={out}", "study.trials=1", "search.teacher_subset=[three]",
-                             "transfer.epochs=3"], profile="smoke")
-    faults: dict = {"keep": out / "checkpoint-at-worker-kill.pt", "stop": threading.Event()}
+    cfg = load_sweep(SWEEP, [f"output={out}", *OVERRIDES], profile="smoke")
+    before = _run_and_kill_the_driver(cfg, ray_local)
+    faults: dict = {"keep": out / "checkpoint-at-worker-kill.pt", "stop": threading.Event(), "before_kill": before}
     injector = threading.Thread(target=_inject_faults, args=(cfg.output_dir() / "sweeps" / cfg.name / "runs", faults),
                                 daemon=True)
     injector.start()
     try:
-        summary = run_sweep(cfg, SWEEP)
+        summary = run_sweep(cfg, SWEEP, resume=True)
     finally:
         faults["stop"].set()  # never touch a later test's processes
         injector.join(5)
     return cfg, summary, faults
+
+
+def _run_and_kill_the_driver(cfg, ray_local) -> dict[str, int]:
+    """``python -m mike_ray.sweep`` in its own process group, SIGKILLed 3 s after the first trial record
+    (the pixel baseline's) appears; returns the records present then (name → mtime)."""
+    args = [sys.executable, "-m", "mike_ray.sweep", str(SWEEP), "--profile", "smoke", "--set", f"output={cfg.output}"]
+    for o in OVERRIDES:
+        args += ["--set", o]
+    trials_dir = cfg.output_dir() / "sweeps" / cfg.name / "trials"
+    proc = subprocess.Popen(args, cwd=ROOT, env=_env(ray_local), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 400
+    while time.time() < deadline and len(list(trials_dir.glob("*.json"))) < 1:
+        assert proc.poll() is None, "the sweep ended before it could be killed"
+        time.sleep(0.5)
+    time.sleep(3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    return {p.name: p.stat().st_mtime_ns for p in trials_dir.glob("*.json")}
 
 
 def _inject_faults(runs_dir: Path, seen: dict) -> None:
@@ -213,42 +238,24 @@ def _env(ray_local) -> dict[str, str]:
     return env
 
 
-def test_a_killed_sweep_driver_resumes_without_rerunning_finished_trials(smoke, ray_local) -> None:
-    import mlflow
-
-    cfg, summary, _ = smoke
-    out = cfg.output_dir()
-    args = [sys.executable, "-m", "mike_ray.sweep", str(SWEEP), "--profile", "smoke", "--set", f"output={out}",
-            "--set", "name=resume", "--set", "study.trials=1", "--set", "search.teacher_subset=[three]",
-            "--set", "study.control=false", "--set", "downstream.tasks=[DCH]"]
-    # two Tuners (baselines, search) show resume across Tuners; one downstream task is enough here
-    trials_dir = out / "sweeps" / "resume" / "trials"
-    proc = subprocess.Popen(args, cwd=ROOT, env=_env(ray_local), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    # kill the driver once the baseline has finished and the first search trial is under way
-    deadline = time.time() + 300
-    while time.time() < deadline and len(list(trials_dir.glob("*.json"))) < 1:
-        assert proc.poll() is None, "the sweep ended before it could be killed"
-        time.sleep(0.5)
-    time.sleep(3)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(30)
-    before = {p.name: p.stat().st_mtime_ns for p in trials_dir.glob("*.json")}
+def test_a_killed_sweep_driver_resumes_without_rerunning_finished_trials(smoke) -> None:
+    """The fixture's first fault: the driver was killed after the baseline finished; the resumed
+    sweep kept that trial's record untouched, ran the rest, and logged every trial exactly once."""
+    cfg, summary, faults = smoke
+    before = faults["before_kill"]
     assert before, "no trial had finished before the kill"
-
-    done = subprocess.run(args + ["--resume"], cwd=ROOT, env=_env(ray_local), capture_output=True, text=True,
-                          timeout=420)
-    assert done.returncode == 0, done.stderr[-2000:]
+    trials_dir = cfg.output_dir() / "sweeps" / cfg.name / "trials"
     after = {p.name: p.stat().st_mtime_ns for p in trials_dir.glob("*.json")}
-    assert len(after) == 2  # 1 baseline + 1 search trial (two Tuners, resumed in turn)
+    assert len(after) == 3 and len(before) < 3  # pixel, control, mike: three Tuners, resumed in turn
     assert all(after[name] == stamp for name, stamp in before.items())  # finished trials not re-run
 
-    client = mlflow.MlflowClient(summary.tracking.uri)
+    client = _client(summary)
     exp = client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id
-    parents = client.search_runs([exp], "tags.`mike_ray.sweep` = 'resume' and tags.`mike_ray.stage` = 'sweep'")
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    trial_runs = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}' and "
+    parents = client.search_runs([exp], f"tags.`mike_ray.sweep` = '{cfg.name}' and tags.`mike_ray.stage` = 'sweep'")
+    assert len(parents) == 1 and parents[0].info.run_id == summary.parent_run_id
+    assert parents[0].info.status == "FINISHED"
+    trial_runs = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{summary.parent_run_id}' and "
                                            "tags.`mike_ray.stage` = 'trial'")
     ids = [r.data.tags["mike_ray.trial_id"] for r in trial_runs]
-    assert len(ids) == len(set(ids)) == 2  # no trial logged twice
+    assert len(ids) == len(set(ids)) == 3  # no trial logged twice
     assert all(r.info.status == "FINISHED" for r in trial_runs)
