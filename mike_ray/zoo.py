@@ -9,10 +9,26 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
+from pydantic import Field
+
+from mike_ray.config_base import StrictModel
 from mike_ray.errors import DataError, ModelError, find_cause, one_line
 from mike_ray.utils import write_json_atomic
+
+
+class TeacherPlacement(StrictModel):
+    """Where each teacher of a zoo trains (both zoos' configs extend it). Placement never changes the
+    weights, so these fields stay out of a zoo's key (:data:`PLACEMENT_FIELDS`)."""
+
+    cpus_per_teacher: float = Field(1.0, gt=0)
+    gpus_per_teacher: float = Field(0.0, ge=0)
+    threads: int = Field(1, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+PLACEMENT_FIELDS = frozenset(TeacherPlacement.model_fields)
 
 
 def is_complete(zoo_dir: Path) -> bool:

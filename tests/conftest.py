@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,26 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Ray's usage-stats prompt and the metrics exporter are noise in tests.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_data_cli(*args: str) -> subprocess.CompletedProcess:
+    """``python -m mike_ray.data ARGS`` in a subprocess (one thread), output captured."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "mike_ray.data", *args], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def small_coco(tmp_path_factory) -> Path:
+    """A generated COCO root of 12 images (seed 4) that the data-CLI tests read, never write."""
+    from mike_ray.data.synth import generate_coco
+
+    root = tmp_path_factory.mktemp("small_coco")
+    generate_coco(root, n_images=12, seed=4)
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -6,17 +6,14 @@ command that must notice it (rebuild it to the same content, or refuse with one 
 """
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import run_data_cli
 from mike_ray.data.shards import MANIFEST, read_manifest, validate_dataset
-from mike_ray.data.synth import generate_coco
 
 REPO = Path(__file__).resolve().parents[1]
 CATALOGUE = yaml.safe_load((REPO / "tests" / "bad_inputs" / "commands.yaml").read_text())
@@ -24,22 +21,14 @@ ENTRIES = [(cls, e) for cls in ("cli", "reuse") for e in CATALOGUE[cls]]
 TASKS = ["DCH", "CTB"]
 
 
-def run_data_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "mike_ray.data", *args], capture_output=True, text=True,
-                          env=env, timeout=120)
+@pytest.fixture
+def synth(small_coco: Path) -> Path:
+    return small_coco
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synth")
-    generate_coco(root, n_images=12, seed=4)
-    return root
-
-
-@pytest.fixture(scope="module")
-def prepared(synth: Path, tmp_path_factory) -> Path:
-    proc = run_data_cli("prepare", "--coco-root", str(synth), "--out", str(tmp_path_factory.mktemp("prep")),
+def prepared(small_coco: Path, tmp_path_factory) -> Path:
+    proc = run_data_cli("prepare", "--coco-root", str(small_coco), "--out", str(tmp_path_factory.mktemp("prep")),
                         "--tasks", *TASKS)
     assert proc.returncode == 0, proc.stderr
     return Path(proc.stdout.strip().splitlines()[-1])

@@ -2,22 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import run_data_cli as run_cli
 from mike_ray.data.synth import generate_coco
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "mike_ray.data", *args], capture_output=True, text=True,
-                          env=env, timeout=120)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -28,11 +19,9 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
         assert frag in lines[0], (frag, lines[0])
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synth")
-    generate_coco(root, n_images=12, seed=4)
-    return root
+@pytest.fixture
+def synth(small_coco: Path) -> Path:
+    return small_coco
 
 
 def test_generate_prepare_inspect(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Collection, Literal
+from typing import Any, Collection
 
 import torch
 from pydantic import Field, field_validator
@@ -29,7 +29,7 @@ from mike_ray.models.classifiers import DEFAULT_TEACHER
 from mike_ray.models.registry import ModelSpec, build_model, load_weights, save_weights
 from mike_ray.tracking import Tracking
 from mike_ray.utils import atomic_dir, config_key, resolve_device, write_json_atomic
-from mike_ray.zoo import is_complete, manifest_names, train_missing, write_manifest
+from mike_ray.zoo import TeacherPlacement, is_complete, manifest_names, train_missing, write_manifest
 
 __all__ = ["ClassifierTrainConfig", "ClassifierZooConfig", "build_classifier_zoo", "data_fingerprint",
            "load_classifier", "read_classifier_zoo", "train_classifier"]
@@ -50,15 +50,11 @@ class ClassifierTrainConfig(StrictModel):
     seed: int = 0
 
 
-class ClassifierZooConfig(StrictModel):
+class ClassifierZooConfig(TeacherPlacement):
     """MHGD's teachers as a named list of architectures (big_vision style), trained on the sweep's data."""
 
     teachers: dict[str, ModelSpec] = Field(default_factory=lambda: {"wrn16_4": ModelSpec(**DEFAULT_TEACHER)})
     train: ClassifierTrainConfig = Field(default_factory=ClassifierTrainConfig)
-    cpus_per_teacher: float = Field(1.0, gt=0)
-    gpus_per_teacher: float = Field(0.0, ge=0)
-    threads: int = Field(1, gt=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @field_validator("teachers")
     @classmethod

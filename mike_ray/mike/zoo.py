@@ -21,7 +21,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Collection, Literal
+from typing import Any, Collection
 
 import torch
 from pydantic import Field, field_validator
@@ -32,7 +32,7 @@ from mike_ray.errors import DataError, ModelError, one_line
 from mike_ray.metrics import IoUMeter, prevalence_iou
 from mike_ray.tracking import Tracking
 from mike_ray.utils import atomic_dir, config_key, limit_threads, resolve_device, seed_everything, write_json_atomic
-from mike_ray.zoo import is_complete, manifest_names, train_missing, write_manifest
+from mike_ray.zoo import PLACEMENT_FIELDS, TeacherPlacement, is_complete, manifest_names, train_missing, write_manifest
 
 ZOO_FORMAT = 2  # 2: teacher.json has test_iou/test_miou (1 had val only)
 
@@ -48,17 +48,13 @@ class TeacherTrainConfig(StrictModel):
     max_train_samples: int | None = Field(None, gt=0)
 
 
-class ZooConfig(StrictModel):
+class ZooConfig(TeacherPlacement):
     """The teacher zoo: which tasks, which architecture, how it is trained and placed."""
 
     tasks: list[str] = Field(default_factory=lambda: list(TASK_CODES))
     model: dict[str, Any] = Field(default_factory=lambda: {"arch": "segmenter", "width": 8})
     taps: str | list[str] = "blocks"
     train: TeacherTrainConfig = Field(default_factory=TeacherTrainConfig)
-    cpus_per_teacher: float = Field(1.0, gt=0)
-    gpus_per_teacher: float = Field(0.0, ge=0)
-    threads: int = Field(1, gt=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @field_validator("tasks")
     @classmethod
@@ -123,7 +119,7 @@ class TeacherRecord:
 
 def zoo_key(cfg: ZooConfig, data_hash: str) -> str:
     """Key of a zoo: its config (minus placement, which does not change the weights) + data hash."""
-    relevant = cfg.model_dump(exclude={"cpus_per_teacher", "gpus_per_teacher", "threads", "device"})
+    relevant = cfg.model_dump(exclude=set(PLACEMENT_FIELDS))
     return config_key({"zoo": relevant, "data": data_hash, "format": ZOO_FORMAT})
 
 
