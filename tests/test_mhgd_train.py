@@ -87,6 +87,20 @@ def test_same_seed_same_run_and_same_start_for_every_method(data, teacher) -> No
     assert [drop(h) for h in a["history"]] == [drop(h) for h in b["history"]]
 
 
+@pytest.mark.parametrize("method", ["student", "mhgd"])
+def test_a_diverging_run_stops_at_its_epoch_with_a_one_line_training_error(method: str, data, teacher) -> None:
+    """An lr that blows the student up: the run stops with the loss, its value and the epoch, on one
+    line (what a sweep records as the trial's failure reason; the Tune/MLflow side of a failed trial is
+    tests/test_tune_bookkeeping.py)."""
+    from mike_ray.errors import TrainingError
+
+    with pytest.raises(TrainingError) as err:
+        run_method(MHGDConfig(**{**TINY, "batch_size": 8, "lr": 1.0e12}, method=method), teacher, *data)
+    msg = str(err.value)
+    first = 0 if method == "student" else 1  # MHGD's epoch 0 is phase 1 (the heads, not the student)
+    assert "\n" not in msg and f"at epoch {first}" in msg and ("nan" in msg or "inf" in msg), msg
+
+
 def test_phase1_loss_decreases_and_heads_end_frozen(data, teacher) -> None:
     cfg = MHGDConfig(**{**TINY, "phase1_epochs": 4})
     frozen = FrozenTeacher(teacher, POINTS)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mike_ray.config import SweepConfig
-from mike_ray.orchestrate.family import FAMILIES, family_of
+from mike_ray.orchestrate.family import FAMILIES, Family, family_of
 from mike_ray.orchestrate.records import load_failed
 from mike_ray.orchestrate.tuning import run_trials
 from mike_ray.tracking import RunLogger, Tracking
@@ -84,8 +84,12 @@ def _find_parent_run(tracking: Tracking, name: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def run_sweep(cfg: SweepConfig, sweep_file: str | Path, resume: bool = False) -> SweepSummary:
-    """Stages (data, zoo) then trials, under one MLflow parent run. Requires ``ray.init``."""
+def run_sweep(cfg: SweepConfig, sweep_file: str | Path, resume: bool = False,
+              family: Family | None = None) -> SweepSummary:
+    """Stages (data, zoo) then trials, under one MLflow parent run. Requires ``ray.init``.
+
+    ``family`` defaults to the sweep method's (:func:`~.family.family_of`); the Tuner bookkeeping
+    tests pass one whose trials take milliseconds."""
     import mlflow
 
     out = cfg.output_dir()
@@ -106,13 +110,15 @@ def run_sweep(cfg: SweepConfig, sweep_file: str | Path, resume: bool = False) ->
     status = "FAILED"
     try:
         # --- stages: built once, keyed by config, re-used by every trial -----------------------
-        family = family_of(cfg)
+        family = family or family_of(cfg)
         data_root, zoo_dir = family.stages(cfg, out, tracking, parent_id)
         summary = SweepSummary(cfg.name, out, data_root, zoo_dir, tracking, parent_id, family=family.name)
         summary.teachers = family.teacher_table(zoo_dir)
         # --- trials ------------------------------------------------------------------------------
-        summary.trials = run_trials(cfg, data_root, zoo_dir, tracking, parent_id, resume=resume)
+        summary.trials = run_trials(cfg, data_root, zoo_dir, tracking, parent_id, resume=resume, family=family)
         summary.failed = load_failed(out / "sweeps" / cfg.name)
+        client.log_metric(parent_id, "trials/finished", float(len(summary.trials)))
+        client.log_metric(parent_id, "trials/failed", float(len(summary.failed)))
         family.log_summary(client, parent_id, summary)
         status = "FINISHED"
         return summary

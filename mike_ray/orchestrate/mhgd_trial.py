@@ -180,4 +180,3 @@ class MHGDFamily:
         rows = accuracy_rows(summary.trials)
         if rows:
             client.log_metric(parent_id, "acc/best_mean_of_best_config", rows[0]["best_mean"] / 100)
-        client.log_metric(parent_id, "trials/failed", float(len(summary.failed)))

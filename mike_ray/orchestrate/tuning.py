@@ -77,14 +77,14 @@ def search_space(cfg: SweepConfig, seeds: Any) -> dict[str, Any]:
 
 
 def trial_context(cfg: SweepConfig, data_root: Path | None, zoo_dir: Path, tracking: Tracking | None,
-                  parent_id: str, sweep_dir: Path) -> TrialContext:
+                  parent_id: str, sweep_dir: Path, family: Family | None = None) -> TrialContext:
     """The frozen context every trial of this sweep receives: its slice of the config, not the config."""
     return TrialContext(
         sweep=cfg.name, sweep_dir=sweep_dir, tracking=tracking, parent_id=parent_id, method=cfg.method,
         subsets={name: tuple(cfg.subset(name)) for name in cfg.teacher_subsets},
         placement=cfg.resources.placement, workers=cfg.resources.workers,
         import_archs=tuple(sorted(import_archs(cfg.model_dump(mode="json")))),
-        data_root=data_root, zoo_dir=zoo_dir, settings=family_of(cfg).settings(cfg, data_root))
+        data_root=data_root, zoo_dir=zoo_dir, settings=(family or family_of(cfg)).settings(cfg, data_root))
 
 
 # --- the Tuners ---------------------------------------------------------------------------------------
@@ -102,13 +102,13 @@ def _tuner(trainable, name: str, storage: Path, tune_config, param_space, resume
 
 
 def run_trials(cfg: SweepConfig, data_root: Path | None, zoo_dir: Path, tracking: Tracking, parent_id: str,
-               resume: bool = False) -> list[dict[str, Any]]:
+               resume: bool = False, family: Family | None = None) -> list[dict[str, Any]]:
     """The family's extra studies (baselines, controls), then the search; returns the trial records."""
     import ray.tune
     from ray.tune.search import ConcurrencyLimiter, Repeater
     from ray.tune.search.optuna import OptunaSearch
 
-    family = family_of(cfg)
+    family = family or family_of(cfg)
     sweep_dir = cfg.output_dir() / "sweeps" / cfg.name
     if sweep_dir.exists() and not resume:
         # a new run of the same sweep: keep the previous one's files beside it, start clean
@@ -116,7 +116,7 @@ def run_trials(cfg: SweepConfig, data_root: Path | None, zoo_dir: Path, tracking
 
         sweep_dir.rename(sweep_dir.with_name(f"{cfg.name}.{time.strftime('%Y%m%d-%H%M%S')}"))
     storage = sweep_dir / "tune"
-    ctx = trial_context(cfg, data_root, zoo_dir, tracking, parent_id, sweep_dir)
+    ctx = trial_context(cfg, data_root, zoo_dir, tracking, parent_id, sweep_dir, family)
     study = cfg.study
     seeds = ray.tune.grid_search(list(range(study.repeats)))
 
