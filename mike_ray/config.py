@@ -15,17 +15,14 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from mike_ray.config_base import StrictModel, load_yaml, validate
-from mike_ray.data.classification import ClassificationData
+from mike_ray.data.sources import ClassificationData
 from mike_ray.data.coco import PrepareConfig
 from mike_ray.data.tasks import TASK_CODES, TASKS
 from mike_ray.errors import ConfigError
-from mike_ray.mike.downstream import DownstreamConfig
+from mike_ray.mike.config import DownstreamConfig, TransferConfig, ZooConfig
 from mike_ray.mhgd.config import METHODS as MHGD_METHODS
-from mike_ray.mhgd.config import MHGDConfig
-from mike_ray.mhgd.zoo import ClassifierZooConfig
-from mike_ray.mike.train import TransferConfig
+from mike_ray.mhgd.config import ClassifierZooConfig, MHGDConfig
 from mike_ray.resources import PlacementConfig, WorkersConfig
-from mike_ray.mike.zoo import ZooConfig
 
 
 class GenerateConfig(StrictModel):

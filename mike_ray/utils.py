@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import random
@@ -9,14 +10,18 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def seed_everything(seed: int) -> torch.Generator:
     """Seed python, numpy and torch; return a torch Generator with that seed."""
+    import torch  # here, not at the top: configs import this module and must not pay for torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -25,6 +30,8 @@ def seed_everything(seed: int) -> torch.Generator:
 
 def limit_threads(n: int | None) -> None:
     """Use ``n`` intra-op threads (Ray sets OMP_NUM_THREADS from the actor's CPUs, not torch)."""
+    import torch
+
     if n and n > 0:
         torch.set_num_threads(int(n))
 
@@ -37,6 +44,8 @@ def config_key(obj: Any, n: int = 12) -> str:
 
 def resolve_device(name: str) -> torch.device:
     """'auto' → cuda if available else cpu; otherwise the named device."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -71,3 +80,13 @@ def write_json_atomic(path: Path, data: Any) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True, default=str)
     os.replace(tmp, path)
+
+
+def lazy_exports(package: str, exports: Mapping[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` (PEP 562) for ``package``'s re-exports: name → submodule, imported on
+    first use, so importing a torch-free submodule (a config) does not import the package's torch code."""
+    def __getattr__(name: str) -> Any:
+        if name in exports:
+            return getattr(importlib.import_module(f"{package}.{exports[name]}"), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+    return __getattr__

@@ -68,3 +68,13 @@ def test_a_teacher_not_above_chance_does_not_normalise_its_task() -> None:
     below = rec(0.05, 0.30).reference_iou()   # the demo's CTB teacher once scored 0.034 val, chance 0.118
     assert math.isnan(below["val"]) and below["test"] == 0.30
     assert all(math.isnan(v) for v in rec(0.15, math.nan).reference_iou().values())  # equal to chance: not above
+
+
+def test_the_config_offers_exactly_the_losses_the_metric_computes() -> None:
+    """``SegLoss`` is written twice (the torch-free config and the metric); they must not drift."""
+    from typing import get_args
+
+    from mike_ray import metrics
+    from mike_ray.mike import config
+
+    assert get_args(config.SegLoss) == get_args(metrics.SegLoss)

@@ -155,3 +155,15 @@ def test_the_layer_test_sees_a_planted_cycle(tmp_path: Path) -> None:
             raise AssertionError("an upward import was not reported")
     finally:
         planted.unlink()
+
+
+def test_configs_and_the_sweep_driver_import_without_torch() -> None:
+    """A sweep file is validated (and a bad one refused) before torch is imported: the CLI's one-line
+    errors and every Tune trial process that only reads its context skip torch's seconds of imports."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mike_ray.config, mike_ray.orchestrate.driver, mike_ray.sweep; "
+            "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -31,17 +31,17 @@ import io
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch.utils.data import DataLoader, Dataset
 
-from mike_ray.config_base import StrictModel, validate
+from mike_ray.config_base import validate
 from mike_ray.data.loaders import identity_collate
 from mike_ray.data.shards import binary_to_array, read_shard, shard_path, validate_dataset
+from mike_ray.data.sources import ClassificationData
 from mike_ray.data.tasks import TASK_CODES, TASKS, check_task_codes, task_classes
 from mike_ray.errors import ConfigError, DataError
 
@@ -421,26 +421,6 @@ def tiny_imagenet(root: str | Path, split: str = "train", *, image_size: int | N
 
 # --------------------------------------------------------------------------------------------
 # Config-driven entry point
-
-
-class ClassificationData(StrictModel):
-    """Which classification data an MHGD run uses (a section of a sweep file)."""
-
-    source: Literal["crops", "cifar100", "tiny_imagenet"] = "crops"
-    root: str = Field(min_length=1, description="prepared crops dir / folder holding cifar-100-python / "
-                                                "folder holding tiny-imagenet-200")
-    image_size: int | None = Field(None, ge=8, description="resize to this side (None: native 64 / 32 / 64)")
-    tasks: list[str] | None = Field(None, description="crops only: task codes to read (default: all prepared)")
-    limit_train: int | None = Field(None, ge=1, description="seeded subset of the training split")
-    limit_val: int | None = Field(None, ge=1, description="seeded subset of the validation split")
-    augment: bool = Field(True, description="random crop (padding S/8) + horizontal flip on the training split")
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _tasks_only_for_crops(self) -> "ClassificationData":
-        if self.tasks is not None and self.source != "crops":
-            raise ValueError(f"only the 'crops' source has tasks, not {self.source!r}")
-        return self
 
 
 _READERS = {"crops": crops_classification, "cifar100": cifar100, "tiny_imagenet": tiny_imagenet}

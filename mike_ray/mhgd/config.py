@@ -1,14 +1,18 @@
-"""The configuration of one MHGD (or baseline) run: :class:`MHGDConfig` and the method table."""
+"""MHGD's config sections as pydantic models — torch-free, so a sweep file validates without torch.
+
+One MHGD (or baseline) run: :class:`MHGDConfig` and the method table; the classifier teachers
+(:class:`ClassifierZooConfig`, built by :mod:`mike_ray.mhgd.zoo`). :mod:`mike_ray.mike.config` is MIKE's
+counterpart."""
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from mike_ray.config_base import StrictModel
-from mike_ray.models.classifiers import DEFAULT_STUDENT, DEFAULT_TEACHER
-from mike_ray.models.registry import ModelSpec
+from mike_ray.models.spec import DEFAULT_STUDENT, DEFAULT_TEACHER, ModelSpec
+from mike_ray.zoo import TeacherPlacement
 
 Method = Literal["student", "soft_logits", "fsp", "ab", "kdsvd", "mhgd"]
 METHODS: tuple[str, ...] = ("student", "soft_logits", "fsp", "ab", "kdsvd", "mhgd")
@@ -103,3 +107,35 @@ def as_config(cfg: MHGDConfig | Mapping[str, Any]) -> MHGDConfig:
     from mike_ray.config_base import validate
 
     return validate(MHGDConfig, dict(cfg), source="mhgd")
+
+
+class ClassifierTrainConfig(StrictModel):
+    """How every teacher classifier is trained (SGD Nesterov, step schedule: the authors' CIFAR recipe)."""
+
+    epochs: int = Field(200, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    lr_milestones: list[float] = Field(default_factory=lambda: [0.3, 0.6, 0.8])
+    lr_gamma: float = Field(0.2, gt=0, le=1)
+    seed: int = 0
+
+
+class ClassifierZooConfig(TeacherPlacement):
+    """MHGD's teachers as a named list of architectures (big_vision style), trained on the sweep's data."""
+
+    teachers: dict[str, ModelSpec] = Field(default_factory=lambda: {"wrn16_4": ModelSpec(**DEFAULT_TEACHER)})
+    train: ClassifierTrainConfig = Field(default_factory=ClassifierTrainConfig)
+
+    @field_validator("teachers")
+    @classmethod
+    def _names(cls, v: dict[str, ModelSpec]) -> dict[str, ModelSpec]:
+        import re
+
+        if not v:
+            raise ValueError("at least one teacher is required")
+        for name in v:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+                raise ValueError(f"teacher name {name!r}: use letters, digits, '_', '.', '-' (it names a folder)")
+        return v

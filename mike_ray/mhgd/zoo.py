@@ -20,53 +20,19 @@ from pathlib import Path
 from typing import Any, Collection
 
 import torch
-from pydantic import Field, field_validator
 
-from mike_ray.config_base import StrictModel
+from mike_ray.mhgd.config import ClassifierTrainConfig, ClassifierZooConfig
 from mike_ray.data.classification import ClassificationData, load_splits
 from mike_ray.errors import DataError, one_line
-from mike_ray.models.classifiers import DEFAULT_TEACHER
 from mike_ray.models.registry import ModelSpec, build_model, load_weights, save_weights
 from mike_ray.tracking import Tracking
 from mike_ray.utils import atomic_dir, config_key, resolve_device, write_json_atomic
-from mike_ray.zoo import TeacherPlacement, is_complete, manifest_names, train_missing, write_manifest
+from mike_ray.zoo import is_complete, manifest_names, train_missing, write_manifest
 
 __all__ = ["ClassifierTrainConfig", "ClassifierZooConfig", "build_classifier_zoo", "data_fingerprint",
            "load_classifier", "read_classifier_zoo", "train_classifier"]
 
 CLASSIFIER_ZOO_FORMAT = 1
-
-
-class ClassifierTrainConfig(StrictModel):
-    """How every teacher classifier is trained (SGD Nesterov, step schedule: the authors' CIFAR recipe)."""
-
-    epochs: int = Field(200, ge=1)
-    batch_size: int = Field(128, ge=2)
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    lr_milestones: list[float] = Field(default_factory=lambda: [0.3, 0.6, 0.8])
-    lr_gamma: float = Field(0.2, gt=0, le=1)
-    seed: int = 0
-
-
-class ClassifierZooConfig(TeacherPlacement):
-    """MHGD's teachers as a named list of architectures (big_vision style), trained on the sweep's data."""
-
-    teachers: dict[str, ModelSpec] = Field(default_factory=lambda: {"wrn16_4": ModelSpec(**DEFAULT_TEACHER)})
-    train: ClassifierTrainConfig = Field(default_factory=ClassifierTrainConfig)
-
-    @field_validator("teachers")
-    @classmethod
-    def _names(cls, v: dict[str, ModelSpec]) -> dict[str, ModelSpec]:
-        import re
-
-        if not v:
-            raise ValueError("at least one teacher is required")
-        for name in v:
-            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-                raise ValueError(f"teacher name {name!r}: use letters, digits, '_', '.', '-' (it names a folder)")
-        return v
 
 
 def data_fingerprint(data: ClassificationData) -> str:

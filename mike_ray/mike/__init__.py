@@ -4,22 +4,9 @@ This package's pure parts are re-exported here: the loss (eq. 1 with query maski
 :mod:`mike_ray.mike.loss`) and the layer-weight schedules (:mod:`mike_ray.mike.schedules`).
 Neither imports Ray.
 """
-from mike_ray.mike.loss import (
-    TapTerm,
-    masked_sample_mean,
-    pixel_loss,
-    tap_term,
-    task_mask,
-    teacher_loss,
-)
-from mike_ray.mike.schedules import (
-    AdaptiveSchedule,
-    Schedule,
-    ScheduleConfig,
-    Weights,
-    make_schedule,
-    progress_at,
-)
+from __future__ import annotations
+
+from mike_ray.utils import lazy_exports
 
 __all__ = [
     "AdaptiveSchedule",
@@ -35,3 +22,21 @@ __all__ = [
     "task_mask",
     "teacher_loss",
 ]
+
+# name → submodule: imported on first use (PEP 562), so importing one torch-free submodule (a config)
+# does not import torch through this package
+_EXPORTS = {
+    "TapTerm": "loss",
+    "masked_sample_mean": "loss",
+    "pixel_loss": "loss",
+    "tap_term": "loss",
+    "task_mask": "loss",
+    "teacher_loss": "loss",
+    "AdaptiveSchedule": "schedules",
+    "Schedule": "schedules",
+    "ScheduleConfig": "schedules",
+    "Weights": "schedules",
+    "make_schedule": "schedules",
+    "progress_at": "schedules",
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)

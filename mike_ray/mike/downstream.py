@@ -15,38 +15,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from pydantic import Field, field_validator
 
-from mike_ray.config_base import StrictModel
-from mike_ray.data.tasks import TASK_CODES, TASKS
-from mike_ray.metrics import IoUMeter, SegLoss, segmentation_loss
+from mike_ray.data.tasks import TASK_CODES
+from mike_ray.metrics import IoUMeter, segmentation_loss
+from mike_ray.mike.config import DownstreamConfig
 from mike_ray.utils import limit_threads, resolve_device, seed_everything
-
-
-class DownstreamConfig(StrictModel):
-    """How the decoder is retrained on each downstream task."""
-
-    tasks: list[str] = Field(default_factory=lambda: list(TASK_CODES))
-    epochs: int = Field(3, gt=0)
-    batch_size: int = Field(64, gt=0)
-    lr: float = Field(3e-3, gt=0)
-    reinit_decoder: bool = False
-    # bce_dice: BCE + soft Dice (see metrics.segmentation_loss); bce: what the teachers train with
-    loss: SegLoss = "bce_dice"
-    max_train_samples: int | None = Field(None, gt=0)
-    cpus_per_task: float = Field(1.0, gt=0)
-    gpus_per_task: float = Field(0.0, ge=0)
-    threads: int = Field(1, gt=0)
-    device: str = "auto"
-    seed: int = 0
-
-    @field_validator("tasks")
-    @classmethod
-    def _known(cls, v: list[str]) -> list[str]:
-        bad = [t for t in v if t not in TASKS]
-        if bad or not v:
-            raise ValueError(f"unknown task {bad[0]!r}" if bad else "at least one task is required")
-        return v
 
 
 def _embed(encoder: torch.nn.Module, loader, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,37 +15,18 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
-from mike_ray.config_base import StrictModel, format_validation_error
+from mike_ray.config_base import format_validation_error
 from mike_ray.errors import ModelError, TrainingError, one_line
+from mike_ray.mike.config import TransferConfig
 from mike_ray.mike.schedules import ScheduleConfig, make_schedule, progress_at
 from mike_ray.utils import limit_threads, seed_everything
 
 CKPT_FILE = "state.pt"
-
-
-class TransferConfig(StrictModel):
-    """What one transfer run trains and how (the worker's slice of a trial's config)."""
-
-    method: Literal["mike", "pixel"] = "mike"
-    model: dict[str, Any] = Field(default_factory=lambda: {"arch": "autoencoder", "width": 8, "embed_channels": 2})
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    masking: bool = True
-    epochs: int = Field(3, gt=0)
-    batch_size: int = Field(64, gt=0)
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    seed: int = 0
-    threads: int = Field(1, gt=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    val_batches: int | None = Field(None, gt=0)  # cap on validation batches (None: all)
-    # how a trainer worker holds the query set: "mmap" maps a decoded cache (the workers of a node
-    # share it in the page cache; a COCO-sized query set is ~12 GB), "ram" loads it into the worker
-    query_memory: Literal["mmap", "ram"] = "mmap"
 
 
 class CheckpointState(BaseModel):

@@ -24,49 +24,16 @@ from pathlib import Path
 from typing import Any, Collection
 
 import torch
-from pydantic import Field, field_validator
 
-from mike_ray.config_base import StrictModel
 from mike_ray.data.tasks import TASK_CODES, TASKS
 from mike_ray.errors import DataError, ModelError, one_line
 from mike_ray.metrics import IoUMeter, prevalence_iou
 from mike_ray.tracking import Tracking
 from mike_ray.utils import atomic_dir, config_key, limit_threads, resolve_device, seed_everything, write_json_atomic
-from mike_ray.zoo import PLACEMENT_FIELDS, TeacherPlacement, is_complete, manifest_names, train_missing, write_manifest
+from mike_ray.mike.config import ZooConfig
+from mike_ray.zoo import PLACEMENT_FIELDS, is_complete, manifest_names, train_missing, write_manifest
 
 ZOO_FORMAT = 2  # 2: teacher.json has test_iou/test_miou (1 had val only)
-
-
-class TeacherTrainConfig(StrictModel):
-    """How each teacher segmenter is trained (same for every task)."""
-
-    epochs: int = Field(6, gt=0)
-    batch_size: int = Field(64, gt=0)
-    lr: float = Field(3e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    seed: int = 0
-    max_train_samples: int | None = Field(None, gt=0)
-
-
-class ZooConfig(TeacherPlacement):
-    """The teacher zoo: which tasks, which architecture, how it is trained and placed."""
-
-    tasks: list[str] = Field(default_factory=lambda: list(TASK_CODES))
-    model: dict[str, Any] = Field(default_factory=lambda: {"arch": "segmenter", "width": 8})
-    taps: str | list[str] = "blocks"
-    train: TeacherTrainConfig = Field(default_factory=TeacherTrainConfig)
-
-    @field_validator("tasks")
-    @classmethod
-    def _known_tasks(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("at least one task is required")
-        unknown = [t for t in v if t not in TASKS]
-        if unknown:
-            raise ValueError(f"unknown task {unknown[0]!r} (known: {', '.join(TASK_CODES)})")
-        if len(set(v)) != len(v):
-            raise ValueError("tasks repeat")
-        return v
 
 
 _FLOAT_FIELDS = ("val_miou", "test_miou", "untrained_miou")

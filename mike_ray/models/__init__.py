@@ -3,10 +3,9 @@
 Every model maps B×3×64×64 float images in [0, 1] to something; teachers are built from a spec dict
 with :func:`build_model` and tapped by module path with :class:`TappedModel` (see ``taps``).
 """
-from mike_ray.models.autoencoder import AutoEncoder, paper_autoencoder
-from mike_ray.models.registry import ModelSpec, available_archs, build_model, load_weights, save_weights
-from mike_ray.models.segmenter import Segmenter, paper_segmenter
-from mike_ray.models.taps import TappedModel, TapSpec, check_input_shape, tap_names
+from __future__ import annotations
+
+from mike_ray.utils import lazy_exports
 
 __all__ = [
     "AutoEncoder",
@@ -23,3 +22,22 @@ __all__ = [
     "save_weights",
     "tap_names",
 ]
+
+# name → submodule: imported on first use (PEP 562), so importing one torch-free submodule (a config)
+# does not import torch through this package
+_EXPORTS = {
+    "AutoEncoder": "autoencoder",
+    "paper_autoencoder": "autoencoder",
+    "ModelSpec": "spec",
+    "available_archs": "registry",
+    "build_model": "registry",
+    "load_weights": "registry",
+    "save_weights": "registry",
+    "Segmenter": "segmenter",
+    "paper_segmenter": "segmenter",
+    "TappedModel": "taps",
+    "TapSpec": "taps",
+    "check_input_shape": "taps",
+    "tap_names": "taps",
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)

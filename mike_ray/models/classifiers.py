@@ -59,6 +59,7 @@ import torch
 from torch import Tensor, nn
 
 from mike_ray.errors import ModelError
+from mike_ray.models.spec import DEFAULT_STUDENT, DEFAULT_TEACHER  # torch-free: configs name them
 
 __all__ = [
     "CifarClassifier",
@@ -72,10 +73,6 @@ __all__ = [
     "wrn",
 ]
 
-DEFAULT_TEACHER: dict[str, Any] = {"arch": "wrn", "depth": 16, "width": 4}
-"""WRN-16-4: sensing points ``stage1..3`` with 64, 128, 256 channels."""
-DEFAULT_STUDENT: dict[str, Any] = {"arch": "wrn", "depth": 10, "width": 4}
-"""WRN-10-4: same widths as :data:`DEFAULT_TEACHER`, one block per stage instead of two."""
 
 
 def stage_names(n: int) -> list[str]:

@@ -30,14 +30,15 @@ from typing import Literal, Any
 
 import torch
 import torchvision
-from pydantic import Field, ValidationError
+from pydantic import ValidationError
 from torch import nn
 
-from mike_ray.config_base import StrictModel, format_validation_error
+from mike_ray.config_base import format_validation_error
 from mike_ray.errors import ModelError, one_line
 from mike_ray.models.autoencoder import AutoEncoder
 from mike_ray.models.classifiers import mobilenet_cifar, resnet_cifar, vgg_cifar, wrn
 from mike_ray.models.segmenter import Segmenter
+from mike_ray.models.spec import ModelSpec, import_archs
 
 __all__ = ["ModelSpec", "available_archs", "build_model", "check_state_dict", "import_archs", "load_torch_file",
            "load_weights", "save_weights"]
@@ -60,28 +61,6 @@ _TYPED_FIELDS = ("num_classes", "width", "depth", "num_downsamples", "expand_rat
                  "stem_stride")
 
 
-class ModelSpec(StrictModel):
-    """How to build one model. Unset fields take the architecture's defaults.
-
-    ``arch`` is ``"segmenter"``, ``"autoencoder"``, a torchvision classification model name
-    (``"resnet18"``, ``"mobilenet_v3_small"``, ``"efficientnet_b0"``, ...; see
-    :func:`available_archs`) or ``"package.module:callable"`` returning an ``nn.Module``.
-    """
-
-    arch: str = Field(min_length=1)
-    num_classes: int | None = Field(None, ge=1, description="output channels/classes")
-    width: int | None = Field(None, ge=1, description="segmenter/autoencoder: full-resolution channels")
-    depth: int | None = Field(None, ge=1, description="segmenter: MBConv blocks; autoencoder: per side")
-    num_downsamples: int | None = Field(None, ge=0, description="segmenter/autoencoder: stride-2 levels")
-    expand_ratio: float | None = Field(None, gt=0, description="segmenter/autoencoder: MBConv expansion")
-    embed_channels: int | None = Field(None, ge=1, description="autoencoder: embedding channels C")
-    stem_stride: Literal[1, 2] | None = Field(None, description="segmenter/autoencoder: 2 runs the blocks at "
-                                              "half resolution (≈4× cheaper; CPU profiles)")
-    seed: int | None = Field(None, description="initialise from this seed (global RNG left untouched)")
-    kwargs: dict[str, Any] = Field(default_factory=dict,
-                                   description="extra builder arguments (e.g. kernel_size, dropout)")
-
-
 def available_archs() -> list[str]:
     """Our architectures, then torchvision's classification models."""
     return list(_CUSTOM) + torchvision.models.list_models(module=torchvision.models)
@@ -97,26 +76,6 @@ def _as_spec(spec: Mapping[str, Any] | ModelSpec, name: str | None = None) -> Mo
         return ModelSpec.model_validate(dict(spec))
     except ValidationError as err:
         raise ModelError(format_validation_error(err, ModelSpec, f"model '{label}'")) from None
-
-
-def import_archs(tree: Any) -> frozenset[str]:
-    """Every ``arch`` value of the form ``package.module:callable`` anywhere in ``tree`` (a resolved
-    sweep config as plain dicts/lists): the code the running sweep file itself asks to import."""
-    found: set[str] = set()
-
-    def walk(node: Any) -> None:
-        if isinstance(node, Mapping):
-            arch = node.get("arch")
-            if isinstance(arch, str) and ":" in arch:
-                found.add(arch)
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, (list, tuple)):
-            for v in node:
-                walk(v)
-
-    walk(tree)
-    return frozenset(found)
 
 
 def build_model(spec: Mapping[str, Any] | ModelSpec, *, name: str | None = None, imports: Imports = ()) -> nn.Module:

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from mike_ray.data.classification import ClassificationData
+from mike_ray.data.sources import ClassificationData
 from mike_ray.errors import ConfigError, TrainingError, one_line
 from mike_ray.mhgd.shard import ClassifierRef, MHGDShardPool
 from mike_ray.mhgd.config import MHGDConfig

@@ -12,7 +12,7 @@ from typing import Any
 
 from mike_ray.config import SweepConfig
 from mike_ray.config_base import StrictModel
-from mike_ray.data.classification import ClassificationData
+from mike_ray.data.sources import ClassificationData
 from mike_ray.mhgd.config import MHGDConfig
 from mike_ray.orchestrate.records import TrialContext, fail_trial, finish_trial, shown_params, trial_run
 from mike_ray.tracking import RunLogger, Tracking

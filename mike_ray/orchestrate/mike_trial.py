@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mike_ray.config import SearchConfig, SweepConfig
-from mike_ray.mike.downstream import DownstreamConfig
-from mike_ray.mike.train import TransferConfig
+from mike_ray.mike.config import DownstreamConfig, TransferConfig
 from mike_ray.orchestrate.records import (TrialContext, fail_trial, finish_trial, load_records, shown_params,
                                           trial_run)
 from mike_ray.tracking import RunLogger, Tracking

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mike_ray.config import Range, SweepConfig
-from mike_ray.models.registry import import_archs
+from mike_ray.models.spec import import_archs
 from mike_ray.orchestrate.family import Family, family_of
 from mike_ray.orchestrate.records import TrialContext, load_records, warn_errored
 from mike_ray.tracking import Tracking
