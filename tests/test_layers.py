@@ -167,3 +167,17 @@ def test_configs_and_the_sweep_driver_import_without_torch() -> None:
             "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_every_test_the_docs_name_exists() -> None:
+    """A doc that tells the user to run ``tests/x.py::test_y`` names a test that is there."""
+    import re
+
+    root = PKG.parent
+    docs = [*root.glob("docs/*.md"), root / "README.md", *root.glob("cluster/*.md")]
+    missing = []
+    for doc in docs:
+        for path, name in re.findall(r"(tests/test_\w+\.py)::(\w+)", doc.read_text()):
+            if not re.search(rf"^def {name}\b", (root / path).read_text() if (root / path).is_file() else "", re.M):
+                missing.append(f"{doc.name}: {path}::{name}")
+    assert not missing, missing

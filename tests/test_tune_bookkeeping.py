@@ -22,7 +22,7 @@ from mike_ray.config import load_sweep
 from mike_ray.errors import TrainingError
 from mike_ray.orchestrate.driver import run_sweep
 from mike_ray.orchestrate.mike_trial import MikeFamily, final_metrics, trial_settings
-from mike_ray.orchestrate.records import TrialContext, fail_trial, finish_trial, shown_params, trial_run
+from mike_ray.orchestrate.records import TrialContext, begin_trial, finish_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "sweeps" / "demo.yaml"
@@ -34,21 +34,16 @@ def quick_trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
     """A MIKE trial's bookkeeping exactly as ``mike_trial_fn`` does it, around a body that takes
     milliseconds: each call is appended to ``calls.jsonl``; a file ``preempt-<seed>`` in the zoo dir
     makes that seed's MIKE trials fail once, as a lost node would."""
-    import ray.tune
-
     params = dict(config)
     method, tcfg, subset, teachers = trial_settings(ctx, params)
-    trial_id = ray.tune.get_context().get_trial_id()
-    if (prev := ctx.finished(trial_id)) is not None:
-        ray.tune.report(final_metrics(prev))
+    trial = begin_trial(ctx, params, family="mike", method=method, subset=subset, teachers=teachers,
+                        seed=tcfg.seed, report=final_metrics, model=tcfg.model)
+    if trial is None:
         return
-    run = trial_run(ctx, trial_id, {"mike_ray.teacher_subset": subset, "mike_ray.method": method,
-                                    "mike_ray.seed": str(tcfg.seed)})
+    trial_id, run = trial.trial_id, trial.run
     with open(ctx.sweep_dir / "calls.jsonl", "a") as f:
         f.write(json.dumps({"trial_id": trial_id, "method": method, "seed": tcfg.seed, "run": run.run_id}) + "\n")
-    base = {"trial_id": trial_id, "family": "mike", "method": method, "subset": subset, "teachers": teachers,
-            "params": shown_params(params), "seed": tcfg.seed, "model": tcfg.model, "mlflow_run_id": run.run_id}
-    try:
+    with trial.failing(ctx):
         if tcfg.lr == BAD_LR and method == "mike":
             raise TrainingError(f"transfer loss is nan at epoch 1: lower the lr (lr {tcfg.lr})")
         preempt = ctx.zoo_dir / f"preempt-{tcfg.seed}"
@@ -59,12 +54,9 @@ def quick_trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
         score = {"control": 0.0, "pixel": 0.4, "mike": 0.6}[method] + 0.01 * tcfg.seed
         down = {t: {"iou": score / 2, "norm_iou": score, "test_iou": score / 2, "test_norm_iou": score - 0.01}
                 for t in TASKS}
-        record = {**base, "status": "finished", "score": score, "score_tasks": len(TASKS), "test_score": score - 0.01,
-                  "test_tasks": len(TASKS), "downstream": down, "checkpoint": None, "retries": 0}
+        record = {**trial.base, "status": "finished", "score": score, "score_tasks": len(TASKS),
+                  "test_score": score - 0.01, "test_tasks": len(TASKS), "downstream": down, "checkpoint": None, "retries": 0}
         finish_trial(run, ctx.record_path(trial_id), record, final_metrics(record))
-    except BaseException as err:
-        fail_trial(run, ctx.sweep_dir, base, err)
-        raise
 
 
 class QuickFamily(MikeFamily):

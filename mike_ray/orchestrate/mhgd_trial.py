@@ -14,7 +14,7 @@ from mike_ray.config import SweepConfig
 from mike_ray.config_base import StrictModel
 from mike_ray.data.sources import ClassificationData
 from mike_ray.mhgd.config import MHGDConfig
-from mike_ray.orchestrate.records import TrialContext, fail_trial, finish_trial, shown_params, trial_run
+from mike_ray.orchestrate.records import TrialContext, begin_trial, finish_trial, shown_params
 from mike_ray.tracking import RunLogger, Tracking
 
 #: the searched dimensions a trial's params may set on its MHGDConfig
@@ -42,7 +42,6 @@ def mhgd_settings(ctx: TrialContext, params: dict[str, Any]) -> tuple[MHGDConfig
 def mhgd_trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
     """One MHGD trial (see the module docstring)."""
     import ray
-    import ray.tune
 
     from mike_ray.mhgd.shard import MHGDShardPool
     from mike_ray.mhgd.zoo import read_classifier_zoo
@@ -51,22 +50,18 @@ def mhgd_trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
     t_start = time.perf_counter()
     params = dict(config)
     run_cfg, subset, teachers = mhgd_settings(ctx, params)
-    trial_id = ray.tune.get_context().get_trial_id()
-    if (prev := ctx.finished(trial_id)) is not None:  # finished before the driver died: report, do not re-run
-        ray.tune.report(final_metrics(prev))
-        return
     data = ctx.settings.classification
     method = run_cfg.method
     uses_teachers = method != "student"
-    run = trial_run(ctx, trial_id, {"mike_ray.teacher_subset": subset if uses_teachers else "-",
-                                    "mike_ray.method": method, "mike_ray.seed": str(run_cfg.seed)})
+    trial = begin_trial(ctx, params, family="mhgd", method=method, subset=subset if uses_teachers else "-",
+                        teachers=teachers if uses_teachers else [], seed=run_cfg.seed, report=final_metrics)
+    if trial is None:  # finished before the driver died: its stored result was re-reported
+        return
+    trial_id, run = trial.trial_id, trial.run
     run.params({"trial": shown_params(params), "mhgd": run_cfg.model_dump(mode="json"),
                 "teachers": ",".join(teachers) if uses_teachers else "", "teacher_subset": subset,
                 "classification": data.model_dump(mode="json")})
-    base = {"trial_id": trial_id, "family": "mhgd", "method": method, "subset": subset if uses_teachers else "-",
-            "teachers": teachers if uses_teachers else [], "params": shown_params(params), "seed": run_cfg.seed,
-            "mlflow_run_id": run.run_id}
-    try:
+    with trial.failing(ctx):
         # --- the student's run: shards in this trial's placement group, the worker in Train's own -------
         refs = classifier_refs(ctx.zoo_dir, teachers, ctx.import_archs)
         shards = None
@@ -85,16 +80,13 @@ def mhgd_trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
 
         # --- the record, the trial's artifacts, then Tune -------------------------------------------------
         zoo = read_classifier_zoo(ctx.zoo_dir)
-        record = {**base, "status": "finished", "score": res.best_acc, "best_acc": res.best_acc,
+        record = {**trial.base, "status": "finished", "score": res.best_acc, "best_acc": res.best_acc,
                   "last_acc": res.last_acc, "teacher_acc": {t: zoo[t]["best_acc"] for t in teachers},
                   "checkpoint": res.checkpoint_path, "retries": res.retries,
                   "train_seconds": sum(h.get("time/epoch_s", 0.0) for h in res.history),
                   "trial_seconds": time.perf_counter() - t_start}
         _artifacts(run, record, res.history)
         finish_trial(run, ctx.record_path(trial_id), record, final_metrics(record))
-    except BaseException as err:
-        fail_trial(run, ctx.sweep_dir, base, err)
-        raise
 
 
 def final_metrics(record: dict[str, Any]) -> dict[str, float]:

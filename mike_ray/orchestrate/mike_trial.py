@@ -15,8 +15,7 @@ from typing import Any
 
 from mike_ray.config import SearchConfig, SweepConfig
 from mike_ray.mike.config import DownstreamConfig, TransferConfig
-from mike_ray.orchestrate.records import (TrialContext, fail_trial, finish_trial, load_records, shown_params,
-                                          trial_run)
+from mike_ray.orchestrate.records import (TrialContext, begin_trial, finish_trial, load_records, shown_params)
 from mike_ray.tracking import RunLogger, Tracking
 from mike_ray.config_base import StrictModel
 
@@ -55,7 +54,6 @@ def trial_settings(ctx: TrialContext, params: dict[str, Any]) -> tuple[str, Tran
 def mike_trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
     """One Tune trial: shards → TorchTrainer.fit → downstream evaluation → report the objective."""
     import ray
-    import ray.tune
 
     from mike_ray.mike.downstream import evaluate_downstream, norm_iou_mean
     from mike_ray.mike.shard import MikeShardPool
@@ -68,21 +66,17 @@ def mike_trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
     t_start = time.perf_counter()
     params = dict(config)
     method, tcfg, subset, teachers = trial_settings(ctx, params)
-    trial_id = ray.tune.get_context().get_trial_id()
-    if (prev := ctx.finished(trial_id)) is not None:
-        ray.tune.report(final_metrics(prev))
-        return
     zoo = read_zoo(ctx.zoo_dir)
     query = [zoo[t].task for t in teachers]  # the query data: the teachers' own tasks (paper §4.1)
-
-    run = trial_run(ctx, trial_id, {"mike_ray.teacher_subset": subset, "mike_ray.method": method,
-                                    "mike_ray.seed": str(tcfg.seed)})
+    trial = begin_trial(ctx, params, family="mike", method=method, subset=subset, teachers=teachers,
+                        seed=tcfg.seed, report=final_metrics, model=tcfg.model)
+    if trial is None:  # finished before the driver died: its stored result was re-reported
+        return
+    trial_id, run = trial.trial_id, trial.run
     run.params({"trial": shown_params(params), "transfer": tcfg.model_dump(mode="json"),
                 "teachers": ",".join(teachers) or "-", "teacher_subset": subset,
                 "downstream": ctx.settings.downstream.model_dump(mode="json")})
-    base = {"trial_id": trial_id, "family": "mike", "method": method, "subset": subset, "teachers": teachers,
-            "params": shown_params(params), "seed": tcfg.seed, "model": tcfg.model, "mlflow_run_id": run.run_id}
-    try:
+    with trial.failing(ctx):
         res = None
         if method == "control":
             # --- control: no transfer at all; the encoder stays as initialised with this seed ---
@@ -115,7 +109,7 @@ def mike_trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
         down = evaluate_downstream(tcfg.model, state, ctx.data_root, dcfg, teacher_iou,
                                    bundle_strategy(dcfg.cpus_per_task, dcfg.gpus_per_task))
         (score, n_val), (test_score, n_test) = norm_iou_mean(down, "val"), norm_iou_mean(down, "test")
-        record = {**base, "status": "finished", "score": score, "score_tasks": n_val,
+        record = {**trial.base, "status": "finished", "score": score, "score_tasks": n_val,
                   "test_score": test_score, "test_tasks": n_test, "downstream": down,
                   "checkpoint": res.checkpoint_path if res else None, "retries": res.retries if res else 0,
                   "transfer_seconds": sum(h.get("time/epoch_seconds", 0.0) for h in res.history) if res else 0.0,
@@ -123,9 +117,6 @@ def mike_trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
                   "trial_seconds": time.perf_counter() - t_start}
         _trial_artifacts(run, ctx, record, res, tcfg, query)
         finish_trial(run, ctx.record_path(trial_id), record, final_metrics(record))
-    except BaseException as err:
-        fail_trial(run, ctx.sweep_dir, base, err)
-        raise
 
 
 def _nanmean(values: list[float]) -> float:

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from mike_ray.errors import MikeRayError, find_cause, one_line
 from mike_ray.resources import PlacementConfig, WorkersConfig
@@ -85,6 +86,43 @@ def trial_run(ctx: TrialContext, trial_id: str, tags: dict[str, str]) -> RunLogg
         "mlflow.parentRunId": ctx.parent_id, "mike_ray.trial_id": trial_id, "mike_ray.sweep": ctx.sweep,
         "mike_ray.stage": "trial", **tags})
     return RunLogger(client, run.info.run_id)
+
+
+@dataclass(frozen=True)
+class OpenTrial:
+    """A trial that runs now: its Tune id, its MLflow run, and what every record of it carries."""
+
+    trial_id: str
+    run: RunLogger
+    base: dict[str, Any]  # trial_id, family, method, subset, teachers, params, seed, …, mlflow_run_id
+
+    @contextmanager
+    def failing(self, ctx: TrialContext) -> Iterator[None]:
+        """Around the trial's body: an exception ends the trial as :func:`fail_trial` says, then re-raises."""
+        try:
+            yield
+        except BaseException as err:
+            fail_trial(self.run, ctx.sweep_dir, self.base, err)
+            raise
+
+
+def begin_trial(ctx: TrialContext, params: Mapping[str, Any], *, family: str, method: str, subset: str,
+                teachers: list[str], seed: int, report: Callable[[dict[str, Any]], dict[str, float]],
+                **extra: Any) -> OpenTrial | None:
+    """Every family's trial opens here. A trial that finished before the driver died has its stored
+    result re-reported to Tune (``report(record)``) and gets None; any other gets its MLflow run
+    (re-opened on a resume, tagged with method, subset and seed) and the fields its records share."""
+    import ray.tune
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    if (prev := ctx.finished(trial_id)) is not None:
+        ray.tune.report(report(prev))
+        return None
+    run = trial_run(ctx, trial_id, {"mike_ray.teacher_subset": subset, "mike_ray.method": method,
+                                    "mike_ray.seed": str(seed)})
+    base = {"trial_id": trial_id, "family": family, "method": method, "subset": subset, "teachers": teachers,
+            "params": shown_params(params), "seed": seed, **extra, "mlflow_run_id": run.run_id}
+    return OpenTrial(trial_id, run, base)
 
 
 def finish_trial(run: RunLogger, done: Path, record: dict[str, Any], final: dict[str, float]) -> None:
