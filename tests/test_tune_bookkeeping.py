@@ -22,7 +22,7 @@ from mike_ray.config import load_sweep
 from mike_ray.errors import TrainingError
 from mike_ray.orchestrate.driver import run_sweep
 from mike_ray.orchestrate.mike_trial import MikeFamily, final_metrics, trial_settings
-from mike_ray.orchestrate.records import TrialContext, begin_trial, finish_trial
+from mike_ray.orchestrate.records import TrialContext, begin_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "sweeps" / "demo.yaml"
@@ -43,7 +43,7 @@ def quick_trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
     trial_id, run = trial.trial_id, trial.run
     with open(ctx.sweep_dir / "calls.jsonl", "a") as f:
         f.write(json.dumps({"trial_id": trial_id, "method": method, "seed": tcfg.seed, "run": run.run_id}) + "\n")
-    with trial.failing(ctx):
+    with trial.failing():
         if tcfg.lr == BAD_LR and method == "mike":
             raise TrainingError(f"transfer loss is nan at epoch 1: lower the lr (lr {tcfg.lr})")
         preempt = ctx.zoo_dir / f"preempt-{tcfg.seed}"
@@ -56,7 +56,7 @@ def quick_trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
                 for t in TASKS}
         record = {**trial.base, "status": "finished", "score": score, "score_tasks": len(TASKS),
                   "test_score": score - 0.01, "test_tasks": len(TASKS), "downstream": down, "checkpoint": None, "retries": 0}
-        finish_trial(run, ctx.record_path(trial_id), record, final_metrics(record))
+        trial.finish(record, final_metrics(record))
 
 
 class QuickFamily(MikeFamily):

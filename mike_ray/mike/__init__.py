@@ -23,8 +23,7 @@ __all__ = [
     "teacher_loss",
 ]
 
-# name → submodule: imported on first use (PEP 562), so importing one torch-free submodule (a config)
-# does not import torch through this package
+# name → submodule, imported on first use (utils.lazy_exports): the configs here stay torch-free
 _EXPORTS = {
     "TapTerm": "loss",
     "masked_sample_mean": "loss",

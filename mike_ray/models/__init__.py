@@ -23,8 +23,7 @@ __all__ = [
     "tap_names",
 ]
 
-# name → submodule: imported on first use (PEP 562), so importing one torch-free submodule (a config)
-# does not import torch through this package
+# name → submodule, imported on first use (utils.lazy_exports): the configs here stay torch-free
 _EXPORTS = {
     "AutoEncoder": "autoencoder",
     "paper_autoencoder": "autoencoder",

@@ -14,7 +14,7 @@ from mike_ray.config import SweepConfig
 from mike_ray.config_base import StrictModel
 from mike_ray.data.sources import ClassificationData
 from mike_ray.mhgd.config import MHGDConfig
-from mike_ray.orchestrate.records import TrialContext, begin_trial, finish_trial, shown_params
+from mike_ray.orchestrate.records import TrialContext, begin_trial, shown_params
 from mike_ray.tracking import RunLogger, Tracking
 
 #: the searched dimensions a trial's params may set on its MHGDConfig
@@ -61,7 +61,7 @@ def mhgd_trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
     run.params({"trial": shown_params(params), "mhgd": run_cfg.model_dump(mode="json"),
                 "teachers": ",".join(teachers) if uses_teachers else "", "teacher_subset": subset,
                 "classification": data.model_dump(mode="json")})
-    with trial.failing(ctx):
+    with trial.failing():
         # --- the student's run: shards in this trial's placement group, the worker in Train's own -------
         refs = classifier_refs(ctx.zoo_dir, teachers, ctx.import_archs)
         shards = None
@@ -86,7 +86,7 @@ def mhgd_trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
                   "train_seconds": sum(h.get("time/epoch_s", 0.0) for h in res.history),
                   "trial_seconds": time.perf_counter() - t_start}
         _artifacts(run, record, res.history)
-        finish_trial(run, ctx.record_path(trial_id), record, final_metrics(record))
+        trial.finish(record, final_metrics(record))
 
 
 def final_metrics(record: dict[str, Any]) -> dict[str, float]:

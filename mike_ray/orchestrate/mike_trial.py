@@ -15,7 +15,7 @@ from typing import Any
 
 from mike_ray.config import SearchConfig, SweepConfig
 from mike_ray.mike.config import DownstreamConfig, TransferConfig
-from mike_ray.orchestrate.records import (TrialContext, begin_trial, finish_trial, load_records, shown_params)
+from mike_ray.orchestrate.records import TrialContext, begin_trial, load_records, shown_params
 from mike_ray.tracking import RunLogger, Tracking
 from mike_ray.config_base import StrictModel
 
@@ -76,7 +76,7 @@ def mike_trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
     run.params({"trial": shown_params(params), "transfer": tcfg.model_dump(mode="json"),
                 "teachers": ",".join(teachers) or "-", "teacher_subset": subset,
                 "downstream": ctx.settings.downstream.model_dump(mode="json")})
-    with trial.failing(ctx):
+    with trial.failing():
         res = None
         if method == "control":
             # --- control: no transfer at all; the encoder stays as initialised with this seed ---
@@ -116,7 +116,7 @@ def mike_trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
                   "downstream_seconds": max((d.get("seconds", 0.0) for d in down.values()), default=0.0),
                   "trial_seconds": time.perf_counter() - t_start}
         _trial_artifacts(run, ctx, record, res, tcfg, query)
-        finish_trial(run, ctx.record_path(trial_id), record, final_metrics(record))
+        trial.finish(record, final_metrics(record))
 
 
 def _nanmean(values: list[float]) -> float:

@@ -90,20 +90,28 @@ def trial_run(ctx: TrialContext, trial_id: str, tags: dict[str, str]) -> RunLogg
 
 @dataclass(frozen=True)
 class OpenTrial:
-    """A trial that runs now: its Tune id, its MLflow run, and what every record of it carries."""
+    """A trial that runs now: its context, its MLflow run, and what every record of it carries."""
 
-    trial_id: str
+    ctx: TrialContext
     run: RunLogger
     base: dict[str, Any]  # trial_id, family, method, subset, teachers, params, seed, …, mlflow_run_id
 
+    @property
+    def trial_id(self) -> str:
+        return self.base["trial_id"]
+
     @contextmanager
-    def failing(self, ctx: TrialContext) -> Iterator[None]:
+    def failing(self) -> Iterator[None]:
         """Around the trial's body: an exception ends the trial as :func:`fail_trial` says, then re-raises."""
         try:
             yield
         except BaseException as err:
-            fail_trial(self.run, ctx.sweep_dir, self.base, err)
+            fail_trial(self.run, self.ctx.sweep_dir, self.base, err)
             raise
+
+    def finish(self, record: dict[str, Any], final: dict[str, float]) -> None:
+        """:func:`finish_trial` with this trial's run and record path."""
+        finish_trial(self.run, self.ctx.record_path(self.trial_id), record, final)
 
 
 def begin_trial(ctx: TrialContext, params: Mapping[str, Any], *, family: str, method: str, subset: str,
@@ -122,7 +130,7 @@ def begin_trial(ctx: TrialContext, params: Mapping[str, Any], *, family: str, me
                                     "mike_ray.seed": str(seed)})
     base = {"trial_id": trial_id, "family": family, "method": method, "subset": subset, "teachers": teachers,
             "params": shown_params(params), "seed": seed, **extra, "mlflow_run_id": run.run_id}
-    return OpenTrial(trial_id, run, base)
+    return OpenTrial(ctx, run, base)
 
 
 def finish_trial(run: RunLogger, done: Path, record: dict[str, Any], final: dict[str, float]) -> None:
