@@ -35,29 +35,10 @@ def status_mb(field: str) -> float:
 
 
 def make_teachers(root: Path, teachers: Sequence[tuple[str, str]], spec: dict[str, Any]) -> None:
-    """Untrained segmenters in the zoo's stored format (``weights.pt`` + ``teacher.json``) under
-    ``root/<name>``, one per ``(name, task)``; compute and memory do not depend on the weights."""
-    from dataclasses import asdict
+    """Untrained segmenters in the zoo's stored format under ``root/<name>``, one per ``(name, task)``."""
+    from mike_ray.mike.zoo import write_untrained_teachers
 
-    import torch
-
-    from mike_ray.data.tasks import TASKS
-    from mike_ray.models import build_model, tap_names
-    from mike_ray.mike.zoo import TeacherRecord
-
-    for i, (name, task) in enumerate(teachers):
-        d = root / name
-        if (d / "teacher.json").is_file():
-            continue
-        model = build_model({**spec, "seed": i})
-        classes = list(TASKS[task])
-        zeros = {c: 0.0 for c in classes}
-        rec = TeacherRecord(name=name, task=task, classes=classes, model=dict(spec),
-                            taps=tap_names(model, "blocks"), val_iou=zeros, val_miou=0.0, test_iou=zeros,
-                            test_miou=0.0, untrained_miou=0.0, chance_iou=zeros, data_hash="benchmark-untrained")
-        d.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, d / rec.weights)
-        (d / "teacher.json").write_text(json.dumps(asdict(rec), indent=1))
+    write_untrained_teachers(root, teachers, spec)
 
 
 def run_worker(script: str, spec: dict[str, Any], timeout: float, label: str) -> dict[str, Any]:

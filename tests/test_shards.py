@@ -265,3 +265,74 @@ def test_bf16_teacher_forwards_keep_the_gradient_close_to_float32(tiny_zoo) -> N
     loss_rel = abs(a.loss - b.loss) / a.loss
     print(f"bf16 vs fp32: gradient cosine {cos:.4f}, relative L2 error {rel:.4f}, loss rel. error {loss_rel:.4f}")
     assert cos > 0.995 and rel < 0.05 and loss_rel < 0.01
+
+
+# --- many teachers of one architecture: one grouped forward (models/stacked.py) -----------------------
+def _spy_groups(group: MikeShardPool) -> list[tuple[int, int]]:
+    """Record the (teachers, rows each) of every grouped forward the pool's local shards run."""
+    seen: list[tuple[int, int]] = []
+    for shard in group.shards:
+        for stack in {id(s): s for s, _ in shard._stacks.values()}.values():
+            def spy(members, x, _run=stack.forward, **kw):
+                seen.append((int(x.shape[0]), int(x.shape[1])))
+                return _run(members, x, **kw)
+            stack.forward = spy
+    return seen
+
+
+@pytest.mark.parametrize("phase", [0.0, 0.5])
+def test_teachers_of_one_architecture_run_as_one_grouped_forward_exactly(tiny_zoo, phase) -> None:
+    """Three same-architecture teachers with 3 rows each (and 3 rows of no teacher's task) run as one
+    vmapped forward for x and one for x̄: loss and ∂/∂x̄ equal eq. 1 over the full batch, and every
+    term equals the one-teacher-at-a-time step's, to 1e-12 in float64 — at phase 0 of layerwise
+    progressive (early exit at the first tap) and with every tap weighted."""
+    refs = teacher_refs(tiny_zoo, TINY_TASKS)
+    grouped = MikeShardPool(refs, PlacementConfig(mode="local", device="cpu", teachers_per_shard="all"), dtype=torch.float64)
+    single = MikeShardPool(refs, PlacementConfig(mode="local", device="cpu", teachers_per_shard="all"), dtype=torch.float64)
+    for shard in single.shards:
+        shard._stacks = {}  # the per-teacher path
+    assert {len(s._stacks) for s in grouped.shards} == {3}  # the tiny zoo: one architecture
+    seen = _spy_groups(grouped)
+    g = torch.Generator().manual_seed(3)
+    x, xbar = (torch.rand(12, 3, 64, 64, generator=g, dtype=torch.float64) for _ in range(2))
+    tasks = ["DCH", "CTB", "PHB", "BCV"] * 3
+    task_ids = torch.tensor([TASK_CODES.index(t) for t in tasks])
+    name = "layerwise_progressive" if phase == 0.0 else "uniform"
+    weights = make_schedule(ScheduleConfig(name=name), grouped.taps()).weights(phase).teachers
+    want_loss, want_grad = _xbar_grad(tiny_zoo, x, xbar, task_ids, weights)
+    res = grouped.step(x, xbar, task_ids, weights)
+    one = single.step(x, xbar, task_ids, weights)
+    assert seen == [(3, 3), (3, 3)]  # x and x̄: three teachers × three rows, once each
+    assert abs(res.loss - want_loss) <= 1e-12 * max(1.0, abs(want_loss))
+    assert float((res.grad - want_grad).abs().max()) <= 1e-12 * float(want_grad.abs().max())
+    assert float(want_grad.abs().max()) > 0
+    assert res.counts == one.counts == {"DCH": 3, "CTB": 3, "PHB": 3}
+    assert res.terms.keys() == one.terms.keys() and len(res.terms) > 3
+    for k, v in one.terms.items():
+        assert abs(res.terms[k] - v) <= 1e-12 * max(1.0, abs(v)), k
+    assert float(res.grad[task_ids == TASK_CODES.index("BCV")].abs().max()) == 0.0
+
+
+def test_a_group_holds_at_most_one_batch_of_rows_and_mixed_counts_split(tiny_zoo) -> None:
+    """Teachers group only with teachers of as many rows, and a group's G × rows never exceeds the
+    batch (its graph is no larger than one full-batch teacher's); the result is still exact."""
+    refs = teacher_refs(tiny_zoo, TINY_TASKS)
+    grouped = MikeShardPool(refs, PlacementConfig(mode="local", device="cpu", teachers_per_shard="all"), dtype=torch.float64)
+    seen = _spy_groups(grouped)
+    x, xbar, task_ids = _mixed_batch()  # DCH 3 rows, CTB 4, PHB 0: nothing to group
+    weights = make_schedule(ScheduleConfig(name="uniform"), grouped.taps()).weights(0.5).teachers
+    want_loss, want_grad = _xbar_grad(tiny_zoo, x, xbar, task_ids, weights)
+    res = grouped.step(x, xbar, task_ids, weights)
+    assert seen == []
+    assert float((res.grad - want_grad).abs().max()) <= 1e-12 * float(want_grad.abs().max())
+    # 6 rows, 2 per teacher: B // n = 3 teachers fit in one group
+    ids = torch.tensor([TASK_CODES.index(t) for t in ["DCH", "CTB", "PHB", "DCH", "CTB", "PHB"]])
+    want_loss, want_grad = _xbar_grad(tiny_zoo, x[:6], xbar[:6], ids, weights)
+    res = grouped.step(x[:6], xbar[:6], ids, weights)
+    assert seen == [(3, 2), (3, 2)] and all(g * n <= 6 for g, n in seen)
+    assert abs(res.loss - want_loss) <= 1e-12 * max(1.0, abs(want_loss))
+    assert float((res.grad - want_grad).abs().max()) <= 1e-12 * float(want_grad.abs().max())
+    seen.clear()
+    ids = torch.tensor([TASK_CODES.index(t) for t in ["DCH", "CTB", "PHB", "DCH", "CTB", "PHB", "DCH", "CTB"]])
+    grouped.step(x[:8], xbar[:8], ids, weights)  # 3 + 3 + 2 rows: B // 3 = 2 teachers per group
+    assert seen == [(2, 3), (2, 3)]

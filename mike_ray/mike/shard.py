@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 
-from mike_ray.errors import ModelError, TrainingError
+from mike_ray.errors import ModelError, TrainingError, one_line
+from mike_ray.models.stacked import StackedModels, signature
 from mike_ray.pool import ShardPool, describe_plan, forward_flops, partition, start_shard_actors
 from mike_ray.resources import PlacementConfig
 from mike_ray.utils import limit_threads, resolve_device
@@ -84,12 +86,26 @@ class MikeShard:
         self.dtype = dtype
         self.host_outputs = host_outputs
         self.teachers: dict[str, tuple[TeacherRef, torch.nn.Module]] = {}
+        specs: dict[str, str] = {}
         for ref in teachers:
             model, rec = load_teacher(Path(ref.path), self.device, ref.imports)
+            # the seed only initialises: two teachers differing in it alone run the same forward
+            specs[ref.name] = repr(sorted((k, v) for k, v in rec.model.items() if k != "seed"))
             taps = list(ref.taps) if ref.taps else list(rec.taps)
             tapped = TappedModel(model.to(dtype), taps).eval().requires_grad_(False)
             self.teachers[ref.name] = (ref, tapped)
         self._taps = {name: list(t.paths) for name, (_, t) in self.teachers.items()}
+        # teachers of one architecture (same modules, tensors and taps) are stacked, so that a step
+        # runs the ones with rows in the batch as one grouped forward instead of one each
+        self._stacks: dict[str, tuple[StackedModels, int]] = {}  # teacher → (its stack, its index there)
+        by_sig: dict[tuple, list[str]] = {}
+        for name, (_, tapped) in self.teachers.items():
+            key = (specs[name], signature(tapped), tuple(self._taps[name]))
+            by_sig.setdefault(key, []).append(name)
+        for names in by_sig.values():
+            if len(names) > 1:
+                stack = StackedModels([self.teachers[n][1] for n in names])
+                self._stacks.update({n: (stack, i) for i, n in enumerate(names)})
 
     def taps(self) -> dict[str, list[str]]:
         """Teacher name → its ordered tap paths."""
@@ -119,8 +135,6 @@ class MikeShard:
         computed in float32 on the float activations (the squared tanh difference of nearly equal
         activations is what bf16 rounds away). Values are read back once per step, not per teacher.
         """
-        from mike_ray.mike.loss import teacher_loss
-
         t0 = time.perf_counter()
         x = x.to(self.device, self.dtype)
         xbar = xbar.to(self.device, self.dtype)
@@ -129,10 +143,13 @@ class MikeShard:
         # rows per task on the host (task ids come from the loader there): no device sync for them
         rows = {t: i.to(self.device, non_blocking=True) for t, i in _rows_per_task(task_ids.cpu()).items()} \
             if masking else {}
-        values: list[torch.Tensor] = []  # read back together at the end (one host sync)
-        keys: list[str] = []
+        out: dict[str, list[tuple[str, torch.Tensor]]] = {}  # teacher → its (key, value) terms, read back once
         counts: dict[str, int] = {}
-        loss_dtype = torch.float32 if self.dtype in (torch.float16, torch.bfloat16) or self.bf16 else self.dtype
+        run = _Step(x, xbar, grad, batch, need_grad, self.bf16,
+                    torch.float32 if self.dtype in (torch.float16, torch.bfloat16) or self.bf16 else self.dtype)
+
+        # --- which teachers work, on which rows, up to which tap -----------------------------------
+        jobs: dict[tuple, list[tuple[str, torch.Tensor | None, dict[str, float]]]] = {}
         for name, (ref, tapped) in self.teachers.items():
             w = {tap: float(weights.get(name, {}).get(tap, 0.0)) for tap in self._taps[name]}
             if not any(w.values()):
@@ -141,35 +158,27 @@ class MikeShard:
             if masking and ref.task_id is not None and idx is None:
                 counts[name] = 0  # none of its task's samples in this batch: nothing to compute
                 continue
-            xs = x if idx is None else x.index_select(0, idx)
-            xb = (xbar if idx is None else xbar.index_select(0, idx)).detach().requires_grad_(need_grad)
-            n = int(xs.shape[0])
-            # early exit: the forward stops at the deepest tap that carries weight (exact)
-            upto = next(tap for tap in reversed(self._taps[name]) if w[tap])
-            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
-                with torch.no_grad():  # activations of x need no graph
-                    feats_x = tapped(xs, upto=upto)
-                with torch.set_grad_enabled(need_grad):
-                    feats_xb = tapped(xb, upto=upto)
-            with torch.set_grad_enabled(need_grad):
-                feats_x = {k: v.to(loss_dtype) for k, v in feats_x.items()}
-                feats_xb = {k: v.to(loss_dtype) for k, v in feats_xb.items()}
-                mask = torch.ones(n, dtype=torch.bool, device=self.device)
-                loss, tap_terms = teacher_loss(feats_x, feats_xb, w, mask, share=n / batch)
-            if need_grad and loss.requires_grad:
-                # frees this teacher's graph before the next teacher runs
-                (g,) = torch.autograd.grad(loss, xb)
-                if idx is None:
-                    grad += g.to(grad.dtype)
-                else:
-                    grad.index_add_(0, idx, g.to(grad.dtype))
+            n = batch if idx is None else int(idx.shape[0])
             counts[name] = n
-            keys.append(name)  # the teacher's weighted loss over its own samples (no share)
-            values.append(loss.detach() * (batch / n))
-            for tap, term in tap_terms.items():
-                keys.append(f"{name}/{tap}")
-                values.append(term.unweighted)
+            # teachers of one stack with as many rows and the same weighted taps run as one group
+            stack = self._stacks.get(name, (None, 0))[0]
+            key = (id(stack), n, tuple(v != 0.0 for v in w.values())) if stack is not None else (name,)
+            jobs.setdefault(key, []).append((name, idx, w))
+
+        # --- run them: a group as one grouped forward (≤ one batch of rows), the rest one by one ----
+        for group in jobs.values():
+            size = max(1, batch // counts[group[0][0]])  # a group's graph holds ≤ B rows, like one teacher's
+            for start in range(0, len(group), size):
+                chunk = group[start:start + size]
+                if len(chunk) == 1:
+                    name, idx, w = chunk[0]
+                    out[name] = run.one(name, self.teachers[name][1], idx, w)
+                else:
+                    out.update(self._group(run, chunk))
+
         # the one host sync of a step: every term and the gradient's finiteness, read back together
+        keys = [k for name in self.teachers if name in out for k, _ in out[name]]
+        values = [v for name in self.teachers if name in out for _, v in out[name]]
         if values:
             values.append(torch.isfinite(grad).all().to(values[0].dtype))
         read = torch.stack([v.to(torch.float64) for v in values]).tolist() if values else []
@@ -184,6 +193,21 @@ class MikeShard:
         return ShardOutput(total, terms, grad.cpu() if self.host_outputs else grad, counts,
                            time.perf_counter() - t0)
 
+    def _group(self, run: _Step, chunk: list[tuple[str, torch.Tensor, dict[str, float]]]
+               ) -> dict[str, list[tuple[str, torch.Tensor]]]:
+        """A chunk of one stack's teachers as one grouped forward; a model that vmap cannot run
+        (data-dependent control flow, an op without a batching rule) is run one teacher at a time from
+        then on — the same values, only slower."""
+        stack = self._stacks[chunk[0][0]][0]
+        try:
+            return run.group(stack, [self._stacks[name][1] for name, _, _ in chunk], chunk)
+        except RuntimeError as err:
+            warnings.warn(f"teachers {', '.join(n for n, _, _ in chunk)}: cannot run as one grouped forward "
+                          f"({one_line(str(err))[:200]}); running them one at a time")
+            for name in [n for n, (s, _) in self._stacks.items() if s is stack]:
+                del self._stacks[name]
+            return {name: run.one(name, self.teachers[name][1], idx, w) for name, idx, w in chunk}
+
     def peak_rss_mb(self) -> float:
         """Peak resident memory of this process (MB), for the memory benchmark."""
         import resource
@@ -193,6 +217,86 @@ class MikeShard:
     def ping(self) -> bool:
         return True
 
+
+@dataclass
+class _Step:
+    """One step's inputs and gradient accumulator, shared by the two ways a shard runs teachers:
+    one teacher at a time (:meth:`one`) and a group of stacked teachers as one forward (:meth:`group`).
+    Both return a teacher's ``(key, value)`` terms as tensors, so the step reads them back once."""
+
+    x: torch.Tensor
+    xbar: torch.Tensor
+    grad: torch.Tensor
+    batch: int
+    need_grad: bool
+    bf16: bool
+    loss_dtype: torch.dtype
+
+    def one(self, name: str, tapped: torch.nn.Module, idx: torch.Tensor | None,
+            w: dict[str, float]) -> list[tuple[str, torch.Tensor]]:
+        """Teacher ``name`` on rows ``idx`` (None: the whole batch) with tap weights ``w``."""
+        from mike_ray.mike.loss import teacher_loss
+
+        xs = self.x if idx is None else self.x.index_select(0, idx)
+        xb = (self.xbar if idx is None else self.xbar.index_select(0, idx)).detach().requires_grad_(self.need_grad)
+        n = int(xs.shape[0])
+        # early exit: the forward stops at the deepest tap that carries weight (exact)
+        upto = next(tap for tap in reversed(list(w)) if w[tap])
+        with torch.autocast(self.x.device.type, torch.bfloat16, enabled=self.bf16):
+            with torch.no_grad():  # activations of x need no graph
+                feats_x = tapped(xs, upto=upto)
+            with torch.set_grad_enabled(self.need_grad):
+                feats_xb = tapped(xb, upto=upto)
+        with torch.set_grad_enabled(self.need_grad):
+            feats_x = {k: v.to(self.loss_dtype) for k, v in feats_x.items()}
+            feats_xb = {k: v.to(self.loss_dtype) for k, v in feats_xb.items()}
+            mask = torch.ones(n, dtype=torch.bool, device=self.x.device)
+            loss, tap_terms = teacher_loss(feats_x, feats_xb, w, mask, share=n / self.batch)
+        if self.need_grad and loss.requires_grad:
+            # frees this teacher's graph before the next teacher runs
+            (g,) = torch.autograd.grad(loss, xb)
+            if idx is None:
+                self.grad += g.to(self.grad.dtype)
+            else:
+                self.grad.index_add_(0, idx, g.to(self.grad.dtype))
+        # the teacher's weighted loss over its own samples (no share), then its unweighted tap terms
+        return [(name, loss.detach() * (self.batch / n))] + \
+            [(f"{name}/{tap}", term.unweighted) for tap, term in tap_terms.items()]
+
+    def group(self, stack: StackedModels, sel: list[int],
+              chunk: list[tuple[str, torch.Tensor, dict[str, float]]]) -> dict[str, list[tuple[str, torch.Tensor]]]:
+        """Teachers ``chunk`` — ``(name, rows, tap weights)``, as many rows each and the same weighted
+        taps — as one grouped forward of ``stack`` (its members ``sel``): G×n rows at once. The same
+        sums as :meth:`one` per teacher (``mike/loss.py``: masked mean of the per-sample mean squared
+        tanh difference, weighted, × the teacher's share n/B), and its gradient scattered likewise."""
+        g_count, n = len(chunk), int(chunk[0][1].shape[0])
+        rows = torch.cat([idx for _, idx, _ in chunk])  # G·n, teacher-major
+        shape = (g_count, n, *self.x.shape[1:])
+        xs = self.x.index_select(0, rows).reshape(shape)
+        xb = self.xbar.index_select(0, rows).reshape(shape).detach().requires_grad_(self.need_grad)
+        weighted = [tap for tap, v in chunk[0][2].items() if v]
+        wt = torch.tensor([[w[tap] for tap in weighted] for _, _, w in chunk], dtype=self.loss_dtype,
+                          device=self.x.device)  # G×L
+        members = torch.tensor(sel, device=self.x.device)
+        with torch.autocast(self.x.device.type, torch.bfloat16, enabled=self.bf16):
+            with torch.no_grad():
+                feats_x = stack.forward(members, xs, upto=weighted[-1])
+            with torch.set_grad_enabled(self.need_grad):
+                feats_xb = stack.forward(members, xb, upto=weighted[-1])
+        with torch.set_grad_enabled(self.need_grad):
+            per_tap = []
+            for tap in weighted:
+                diff = torch.tanh(feats_x[tap].detach().to(self.loss_dtype)) - torch.tanh(feats_xb[tap].to(self.loss_dtype))
+                per_tap.append(diff.pow(2).reshape(g_count, n, -1).mean(dim=2).mean(dim=1))  # G
+            term = torch.stack(per_tap, dim=1)  # G×L unweighted tap terms
+            per_teacher = (term * wt).sum(dim=1)  # G: Σ_l w_l · term
+            loss = (per_teacher * (n / self.batch)).sum()
+        if self.need_grad and loss.requires_grad:
+            (g,) = torch.autograd.grad(loss, xb)
+            self.grad.index_add_(0, rows, g.reshape(-1, *self.x.shape[1:]).to(self.grad.dtype))
+        term, per_teacher = term.detach(), per_teacher.detach()
+        return {name: [(name, per_teacher[i])] + [(f"{name}/{tap}", term[i, j]) for j, tap in enumerate(weighted)]
+                for i, (name, _, _) in enumerate(chunk)}
 
 def _rows_per_task(task_ids: torch.Tensor) -> dict[int, torch.Tensor]:
     """Task id → the (sorted) row indices of that task in the batch; absent tasks are not keys.

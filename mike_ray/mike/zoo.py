@@ -202,6 +202,31 @@ def _from_json(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def write_untrained_teachers(root: Path, teachers: Collection[tuple[str, str]], spec: dict[str, Any]) -> list[Path]:
+    """Untrained teachers in the stored format (``weights.pt`` + ``teacher.json``), one folder per
+    ``(name, task)`` under ``root``, teacher i initialised from seed i: what benchmarks and tests use to
+    run many teachers (compute and memory do not depend on the weights). Existing folders are kept.
+    Their IoU fields are 0 (never a reference for normalised scores)."""
+    from mike_ray.models import build_model, tap_names
+
+    out = []
+    for i, (name, task) in enumerate(teachers):
+        d = Path(root) / name
+        out.append(d)
+        if (d / "teacher.json").is_file():
+            continue
+        model = build_model({**spec, "seed": i})
+        classes = list(TASKS[task])
+        zeros = {c: 0.0 for c in classes}
+        rec = TeacherRecord(name=name, task=task, classes=classes, model=dict(spec),
+                            taps=tap_names(model, "blocks"), val_iou=zeros, val_miou=0.0, test_iou=zeros,
+                            test_miou=0.0, untrained_miou=0.0, chance_iou=zeros, data_hash="untrained")
+        d.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, d / rec.weights)
+        write_json_atomic(d / "teacher.json", asdict(rec))
+    return out
+
+
 def read_teacher(teacher_dir: Path) -> TeacherRecord:
     """Read and validate ``teacher.json`` (a missing or malformed file is a :class:`DataError`)."""
     path = Path(teacher_dir) / "teacher.json"

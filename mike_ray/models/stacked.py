@@ -1,0 +1,82 @@
+"""Same-architecture frozen models run as one grouped forward (``torch.func.vmap``).
+
+A shard holding many teachers of one architecture would otherwise launch one small forward (and
+backward) per teacher: at 100 teachers and a 64-row batch, every teacher owns ~1 row, and a step is
+~64 one-row launches whose cost is per-call overhead, not FLOPs. :class:`StackedModels` keeps the
+teachers' parameters and buffers stacked (``G×…`` per tensor, ``torch.func.stack_module_state``) and
+runs any subset of them, each on its own rows, in one vmapped ``functional_call``: a convolution over
+G teachers becomes one grouped convolution.
+
+The per-teacher modules stay usable on their own: their tensors are rebound as views into the stacks,
+so the weights are held once. The grouped forward is exact (same ops per teacher, eval mode: no batch
+statistics couple the rows); ``tests/test_shards.py`` pins it against per-teacher forwards in float64.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+
+def signature(module: nn.Module) -> tuple:
+    """What two modules must share to be stacked: their printed structure (module classes and their
+    settings: kernel, stride, groups, eps …) and parameter and buffer names, shapes and dtypes. A
+    caller adds what a module's repr cannot show (a model spec's options that change the forward)."""
+    return (repr(module),
+            tuple((k, tuple(v.shape), v.dtype) for k, v in module.named_parameters()),
+            tuple((k, tuple(v.shape), v.dtype) for k, v in module.named_buffers()))
+
+
+class StackedModels:
+    """G frozen modules of one :func:`signature`, run as one vmapped forward.
+
+    Args:
+        modules: the modules (eval mode, no grad); their parameters and buffers are rebound as views
+            into the stacked tensors, so each stays callable alone and the weights are held once.
+
+    ``forward(sel, x, **kwargs)`` runs module ``sel[g]`` on ``x[g]`` for every g. Each calling thread
+    uses its own copy of the first module as the ``functional_call`` template (the call swaps the
+    template's tensors for the duration of the call), so concurrent callers never see each other's.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        from torch.func import stack_module_state
+
+        if len(modules) < 2:
+            raise ValueError("StackedModels: stacking needs at least two modules")
+        sig = signature(modules[0])
+        if any(signature(m) != sig for m in modules[1:]):
+            raise ValueError("StackedModels: modules differ in parameters or buffers")
+        self.params, self.buffers = stack_module_state(list(modules))
+        for i, m in enumerate(modules):  # hold each weight once: the modules read the stacks
+            for name, p in m.named_parameters():
+                p.data = self.params[name][i]
+            for name, b in m.named_buffers():
+                b.data = self.buffers[name][i]
+        self._template = modules[0]
+        self._local = threading.local()
+
+    def __len__(self) -> int:
+        return len(next(iter(self.params.values())))
+
+    def _base(self) -> nn.Module:
+        base = getattr(self._local, "base", None)
+        if base is None:
+            base = self._local.base = copy.deepcopy(self._template)
+        return base
+
+    def forward(self, sel: Tensor, x: Tensor, **kwargs) -> object:
+        """Modules ``sel`` (int64 G') on inputs ``x`` (G'×n×…): the vmapped outputs, every tensor
+        in them with a leading G' dimension (a dict of taps stays a dict of G'×n×… tensors)."""
+        from torch.func import functional_call, vmap
+
+        base = self._base()
+        params = {k: v.index_select(0, sel) for k, v in self.params.items()}
+        buffers = {k: v.index_select(0, sel) for k, v in self.buffers.items()}
+
+        def one(p: dict[str, Tensor], b: dict[str, Tensor], xi: Tensor) -> object:
+            return functional_call(base, (p, b), (xi,), kwargs)
+
+        return vmap(one)(params, buffers, x)
