@@ -16,7 +16,10 @@ Variants, all stepping the same student on the same batches:
 
 (a) ``ours``: ``MikeShardPool`` on 2 Ray actor shards (1 CPU, 1 torch thread each;
     ``teachers_per_shard: auto``): each teacher runs on its own rows only (gathered), an absent
-    teacher does nothing.
+    teacher does nothing, and a shard's teachers of one architecture with as many rows run as one
+    grouped (vmapped) forward (``models/stacked.py``).
+``one-by-one``: (a) without the grouping — one teacher's forward and backward after another (the
+    shard step before grouping), N > 1.
 (b) ``full-batch``: the shard step before the gather (every teacher on the whole batch, the loss
     masked afterwards) — the same 2 shards, written here as a ``MikeShard`` subclass.
 (c) ``peer``: the step written by hand in one process (what a user writes without mike_ray): every
@@ -85,6 +88,19 @@ def _full_batch_shard_class():
             return ShardOutput(total, {}, grad.cpu(), {}, time.perf_counter() - t0)
 
     return FullBatchShard
+
+
+def _one_by_one_shard_class():
+    """The gathered step without grouping: every teacher on its own rows, one teacher at a time
+    (the shard step before same-architecture teachers ran as one grouped forward)."""
+    from mike_ray.mike.shard import MikeShard
+
+    class OneByOneShard(MikeShard):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._stacks = {}
+
+    return OneByOneShard
 
 
 class _Case:
@@ -191,6 +207,7 @@ def _worker_time(a: dict[str, Any]) -> dict[str, Any]:
     _ray_init(dev)
     zoo = Path(a["zoo"])
     FullBatchShard = _full_batch_shard_class()
+    OneByOneShard = _one_by_one_shard_class()
     student = _Student(a["student"], dev)
     ref_case = _Case(zoo, 1)
     ref = MikeShardPool(ref_case.refs, _placement(dev))
@@ -211,12 +228,14 @@ def _worker_time(a: dict[str, Any]) -> dict[str, Any]:
         if n in a["unmasked"]:
             variants[f"unmasked/{n}"] = (lambda c, g: lambda x, xb, s: g.step(x, xb, c.task_ids(s), c.weights,
                                                                            masking=False).grad)(case, ours)
-        if n in a["full"]:
+        for label, cls, wanted in (("full-batch", FullBatchShard, a["full"]), ("one-by-one", OneByOneShard, a["one_by_one"])):
+            if n not in wanted:
+                continue
             plan = partition(case.refs, "auto", None, 2)
-            shards = start_shard_actors(FullBatchShard, [(g, dev, 1, False) for g in plan], _placement(dev))
+            shards = start_shard_actors(cls, [(g, dev, 1, False) for g in plan], _placement(dev))
             stop.append(lambda shards=shards: stop_shard_actors(shards))
 
-            def full(x, xb, s, c=case, shards=shards):
+            def other(x, xb, s, c=case, shards=shards):
                 import ray
 
                 refs = [ray.put(t.cpu()) for t in (x, xb, c.task_ids(s))]
@@ -224,7 +243,7 @@ def _worker_time(a: dict[str, Any]) -> dict[str, Any]:
                                       (*refs, c.weights), _placement(dev))
                 return sum(o.grad for o in outs)
 
-            variants[f"full-batch/{n}"] = full
+            variants[f"{label}/{n}"] = other
         if n in a["peer"]:
             variants[f"peer/{n}"] = _peer_fn(case, dev)
         # --- round-robin rounds, the order rotating every round ------------------------------------
@@ -289,15 +308,18 @@ def _run(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
 
 def _table(ns: list[int], times: dict[str, float], ref: dict[int, float], mem: dict[int, dict[str, Any]]) -> None:
     """``÷ N=1``: ours at N over the N = 1 reference stepped in the same phase (``N=1 ms``)."""
-    hdr = (f"{'N':>4} | {'ours ms':>8} | {'N=1 ms':>7} | {'÷ N=1':>6} | {'full-batch ms':>13} | {'÷ ours':>6} | "
+    hdr = (f"{'N':>4} | {'ours ms':>8} | {'N=1 ms':>7} | {'÷ N=1':>6} | {'one-by-one ms':>13} | {'÷ ours':>6} | "
+           f"{'full-batch ms':>13} | {'÷ ours':>6} | "
            f"{'peer ms':>8} | {'÷ ours':>6} | {'unmasked ms':>11} | {'student MB':>10} | {'shards MB':>13}")
     print(hdr)
     print("-" * len(hdr))
     for n in ns:
         o = times[f"ours/{n}"]
         fb, pr, um = times.get(f"full-batch/{n}"), times.get(f"peer/{n}"), times.get(f"unmasked/{n}")
+        ob = times.get(f"one-by-one/{n}")
         m = mem[n]
-        print(f"{n:>4} | {o:8.0f} | {ref[n]:7.0f} | {o / ref[n]:6.2f} | {_f(fb):>13} | {_f(fb and fb / o, '.2f'):>6} | "
+        print(f"{n:>4} | {o:8.0f} | {ref[n]:7.0f} | {o / ref[n]:6.2f} | {_f(ob):>13} | {_f(ob and ob / o, '.2f'):>6} | "
+              f"{_f(fb):>13} | {_f(fb and fb / o, '.2f'):>6} | "
               f"{_f(pr):>8} | {_f(pr and pr / o, '.2f'):>6} | {_f(um):>11} | {m['peak_mb']:10.0f} | "
               f"{' + '.join(f'{v:.0f}' for v in m['shard_peak_mb']):>13}")
 
@@ -344,6 +366,7 @@ def main() -> None:
             base = {"zoo": str(zoo), "student": student, "device": args.device, "warmup": warmup}
             timed = _run({**base, "role": "time", "ns": sns, "steps": steps, "unmasked": [1, 11],
                           "full": [n for n in sns if n <= 11] if args.quick else sns,
+                          "one_by_one": [n for n in sns if n > 1],
                           "peer": [n for n in sns if n <= 11]}, args.timeout)
             mem = {n: _run({**base, "role": "mem", "n": n}, args.timeout) for n in sns}
             results[size] = (sns, timed, mem)

@@ -30,6 +30,11 @@ class PlacementConfig(StrictModel):
     threads: int = Field(1, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = False  # bf16 autocast for teacher forwards; the loss and its gradient stay float32
+    # a shard's teachers of one architecture with at most this many rows in a batch run as one grouped
+    # forward (0: never). Few rows per teacher is where per-launch overhead dominates: measured on 2 CPU
+    # cores, grouping paid from ~2 rows each (1.5× at 1 row) and cost up to 1.2× at 6–21 rows
+    # (docs/benchmarks.md); on a GPU, where launches cost more, a larger value pays.
+    group_rows: int = Field(4, ge=0)
     max_restarts: int = Field(3, ge=0)  # Ray restarts a dead shard this many times
     step_retries: int = Field(3, ge=0)  # a step whose shard died is sent again this many times
     # how long a step waits for a dead shard to come back (Ray restarts it; its constructor reloads the

@@ -340,3 +340,18 @@ def test_soft_logits_golden():
     expected = temp ** 2 * np.mean(kl)
     assert mf.soft_logits_loss(t(s), t(tl), temp).item() == pytest.approx(expected, abs=1e-12)
     assert mf.soft_logits_loss(t(s), t(s), 2.0).item() == pytest.approx(0.0, abs=1e-14)
+
+
+def test_ab_layer_weights_follow_the_authors_code_by_default() -> None:
+    """Three points whose AB losses are 1, 10 and 100 (one element each, batch 1): the authors weigh
+    point i by 2^i (× 3e-3 by default in MHGDConfig), RepDistiller by 2^(i−L+1)."""
+    from mike_ray.mhgd.baselines import ab_distill_loss
+    from mike_ray.mhgd.config import MHGDConfig
+
+    # source s with the teacher off (t ≤ 0) and s > −m: loss (s + m)² with m = 1 → s = 0, 2.1623, 9
+    s = [torch.tensor([[v]], dtype=torch.float64) for v in (0.0, 10 ** 0.5 - 1, 9.0)]
+    t = [torch.zeros(1, 1, dtype=torch.float64)] * 3
+    assert float(ab_distill_loss(s, t, 1.0)) == pytest.approx(1 * 1 + 2 * 10 + 4 * 100)
+    assert float(ab_distill_loss(s, t, 1.0, layer_weights="repdistiller")) == pytest.approx(1 / 4 + 10 / 2 + 100)
+    cfg = MHGDConfig()
+    assert (cfg.ab_weight, cfg.ab_layer_weights, cfg.phase1_weight_decay) == (3e-3, "authors", 1e-3)

@@ -336,3 +336,28 @@ def test_a_group_holds_at_most_one_batch_of_rows_and_mixed_counts_split(tiny_zoo
     ids = torch.tensor([TASK_CODES.index(t) for t in ["DCH", "CTB", "PHB", "DCH", "CTB", "PHB", "DCH", "CTB"]])
     grouped.step(x[:8], xbar[:8], ids, weights)  # 3 + 3 + 2 rows: B // 3 = 2 teachers per group
     assert seen == [(2, 3), (2, 3)]
+
+
+def test_teachers_vmap_cannot_run_fall_back_to_one_at_a_time_with_the_same_values(tiny_zoo) -> None:
+    """A model vmap cannot run (data-dependent control flow raises RuntimeError inside vmap): the
+    shard warns once, runs those teachers one at a time from then on, and the step is unchanged."""
+    refs = teacher_refs(tiny_zoo, TINY_TASKS)
+    placement = PlacementConfig(mode="local", device="cpu", teachers_per_shard="all")
+    grouped = MikeShardPool(refs, placement, dtype=torch.float64)
+    x, xbar = _batch()[0], torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    task_ids = _batch()[1]
+    weights = make_schedule(ScheduleConfig(name="uniform"), grouped.taps()).weights(0.5).teachers
+    want = grouped.step(x, xbar, task_ids, weights)
+    (shard,) = grouped.shards
+    stack = next(iter(shard._stacks.values()))[0]
+
+    def no_vmap(*args, **kwargs):
+        raise RuntimeError("vmap: It looks like you're attempting to use a Tensor in some data-dependent control flow")
+
+    stack.forward = no_vmap
+    with pytest.warns(UserWarning, match="cannot run as one grouped forward"):
+        got = grouped.step(x, xbar, task_ids, weights)
+    assert shard._stacks == {}
+    assert got.terms.keys() == want.terms.keys()
+    assert abs(got.loss - want.loss) <= 1e-12 * max(1.0, abs(want.loss))
+    assert float((got.grad - want.grad).abs().max()) <= 1e-12 * float(want.grad.abs().max())

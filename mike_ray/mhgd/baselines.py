@@ -10,8 +10,8 @@ method         student loss (besides cross-entropy and weight decay)
 =============  =====================================================================================
 soft_logits    ``weight · T² · KL(softmax(t/T) ‖ softmax(s/T))`` (Hinton et al. 2015), every step
 fsp            initialisation stage: ``weight · Σ_pairs ½‖G_T − G_S‖²`` (Yim et al. 2017), then CE only
-ab             initialisation stage: ``weight · Σ_i 2^(i−L+1) · AB(connector_i(s_i), t_i)``
-               (Heo et al. 2019; deepest point weight 1, halving towards the input), then CE only
+ab             initialisation stage: ``weight · Σ_i 2^i · AB(connector_i(s_i), t_i)`` (Heo et al. 2019;
+               2^i as in the MHGD authors' code, ``layer_weights="repdistiller"``: 2^(i−L+1)), then CE only
 kdsvd          ``Σ_pairs (R_S − R_T)²`` of SVD-compressed points (Lee et al. 2018), gradient clipped
                per parameter to ‖∇CE‖·sigmoid(epoch) like MHGD's transfer loss
 =============  =====================================================================================
@@ -68,25 +68,30 @@ class ABConnectors(nn.Module):
 
 
 def ab_distill_loss(connected: Sequence[Tensor], teacher_on: Sequence[Tensor], weight: float,
-                    margin: float = 1.0) -> Tensor:
-    """``weight · Σ_i 2^(i−L+1) · ab_loss(connected_i, teacher_on_i)``.
+                    margin: float = 1.0, layer_weights: str = "authors") -> Tensor:
+    """``weight · Σ_i c_i · ab_loss(connected_i, teacher_on_i)`` over the L points, i = 0 … L−1.
 
     Args:
         connected: the connectors' outputs ``[B, C_T, H, W]`` at the L points (student side).
         teacher_on: the teacher's neuron states at the same points: anything whose ``> 0`` is the
             teacher's "on" (its pre-activation, its post-ReLU output, or a 0/1 mask — only the sign is used).
-        weight: overall factor.
+        weight: overall factor (the authors' 3e-3).
         margin: AB's margin m.
+        layer_weights: ``"authors"``: c_i = 2^i (the MHGD authors' code); ``"repdistiller"``:
+            c_i = 2^(i−L+1) (RepDistiller's, the deepest point at 1).
     """
     if len(connected) != len(teacher_on):
         raise ModelError(f"ab: {len(connected)} student points but {len(teacher_on)} teacher points")
+    if layer_weights not in ("authors", "repdistiller"):
+        raise ModelError(f"ab: layer_weights must be 'authors' or 'repdistiller', got {layer_weights!r}")
     n = len(connected)
     total = connected[0].new_zeros(())
     for i, (s, t) in enumerate(zip(connected, teacher_on)):
         if s.shape != t.shape:
             raise ModelError(f"ab: point {i}: student (after its connector) {tuple(s.shape)} and teacher "
                              f"{tuple(t.shape)} differ in shape (sensing points must have equal resolution)")
-        total = total + 2.0 ** (i - n + 1) * ab_loss(s, t.to(s.dtype), margin)
+        c = 2.0 ** i if layer_weights == "authors" else 2.0 ** (i - n + 1)
+        total = total + c * ab_loss(s, t.to(s.dtype), margin)
     return weight * total
 
 

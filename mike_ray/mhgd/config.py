@@ -24,7 +24,8 @@ class MHGDConfig(StrictModel):
     """One MHGD (or baseline) run: models, sensing points, both phases' optimisation, baseline weights.
 
     Defaults reproduce the paper's setting where it is known (8 heads, phase 1 = 40 epochs of SGD
-    Nesterov 0.9 at lr 0.1, weight decay 5e-4, T = 4) on the default WRN-16-4 → WRN-10-4 pair; the
+    Nesterov 0.9 at lr 0.1 with the authors' Σw²·5e-4 penalty = weight decay 1e-3, T = 4; AB and FSP
+    weights as in the authors' code) on the default WRN-16-4 → WRN-10-4 pair; the
     student schedule (200 epochs, lr 0.1 divided by 5 at 30/60/80 %) is the authors' CIFAR recipe.
     Small profiles override epochs, batch size and models.
     """
@@ -47,7 +48,8 @@ class MHGDConfig(StrictModel):
     svd_candidates: int = Field(4, ge=1, description="student singular vectors searched for the teacher's match")
     phase1_epochs: int = Field(40, ge=0, description="MHGD phase 1 (attention heads on the teacher)")
     phase1_lr: float = Field(0.1, gt=0)
-    phase1_weight_decay: float = Field(5e-4, ge=0)
+    phase1_weight_decay: float = Field(1e-3, ge=0, description="SGD weight decay of the attention heads: the "
+                                       "authors add Σw²·5e-4 to the loss (no ½), i.e. a decay of 1e-3·w")
     init_epochs: int | None = Field(None, ge=0, description="FSP/AB initialisation stage (default: phase1_epochs)")
 
     # student (and teacher) training
@@ -67,7 +69,9 @@ class MHGDConfig(StrictModel):
     temperature: float = Field(4.0, gt=0, description="soft_logits: T")
     soft_weight: float = Field(1.0, ge=0, description="soft_logits: weight of T²·KL next to CE")
     fsp_weight: float = Field(1e-3, ge=0, description="fsp: factor of the summed FSP losses")
-    ab_weight: float = Field(1e-3, ge=0, description="ab: factor of the layer-weighted AB losses")
+    ab_weight: float = Field(3e-3, ge=0, description="ab: factor of the layer-weighted AB losses (the authors' 3e-3)")
+    ab_layer_weights: Literal["authors", "repdistiller"] = Field(
+        "authors", description="ab: point i of L weighs 2^i (the MHGD authors' code) or 2^(i-L+1) (RepDistiller)")
     ab_margin: float = Field(1.0, gt=0, description="ab: margin m")
 
     seed: int = 0

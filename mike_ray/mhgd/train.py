@@ -302,7 +302,8 @@ def _init_stage(cfg: MHGDConfig, method: str, student: TappedModel, points: list
                 loss = sum(fsp_distill_loss([out[p] for p in points], tt.fsp, cfg.fsp_weight) for tt in targets)
             else:
                 assert connectors is not None
-                loss = sum(ab_distill_loss(conn([out[p] for p in ab_points]), tt.on, cfg.ab_weight, cfg.ab_margin)
+                loss = sum(ab_distill_loss(conn([out[p] for p in ab_points]), tt.on, cfg.ab_weight, cfg.ab_margin,
+                                                cfg.ab_layer_weights)
                            for conn, tt in zip(connectors, targets))
             opt.zero_grad(set_to_none=True)
             loss.backward()

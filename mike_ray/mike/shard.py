@@ -4,9 +4,11 @@ Teachers are frozen, so ∂L/∂θ_AE = (∂L/∂x̄)·(∂x̄/∂θ_AE): a shar
 task ids, returns the loss and the gradient with respect to x̄, and the student finishes
 backpropagation locally (DESIGN.md "A MIKE step"). Shards never see the student.
 
-A shard holding several teachers runs them one after another and accumulates their gradients, so
-only one teacher's activation graph is alive at a time: its memory does not grow with its teacher
-count. The same :class:`MikeShard` class runs in-process (``placement.mode = "local"``) for
+A shard holding several teachers runs each on its own rows and accumulates their gradients. Teachers
+of one architecture are stacked (:mod:`mike_ray.models.stacked`): those with as many rows in a batch
+run as one grouped forward of at most B rows, the others one after another, so the graph alive at a
+time is never larger than one full-batch teacher's: a shard's memory does not grow with its teacher
+count, and 100 one-row teachers cost one launch instead of 100. The same :class:`MikeShard` class runs in-process (``placement.mode = "local"``) for
 debugging and for the exactness test, or as a Ray actor per shard (``"ray"``).
 """
 from __future__ import annotations
@@ -73,10 +75,13 @@ class MikeShard:
         dtype: parameter dtype of the teachers (float64 for exactness tests).
         host_outputs: return the gradient on the CPU (a Ray actor's answer crosses processes); an
             in-process shard keeps it on its device, so a local GPU step makes no host round trip.
+        group_rows: teachers of one architecture with at most this many rows in a batch run as one
+            grouped forward (``PlacementConfig.group_rows``; 0: never).
     """
 
     def __init__(self, teachers: Sequence[TeacherRef], device: str = "auto", threads: int | None = 1,
-                 bf16: bool = False, dtype: torch.dtype = torch.float32, host_outputs: bool = False) -> None:
+                 bf16: bool = False, dtype: torch.dtype = torch.float32, host_outputs: bool = False,
+                 group_rows: int = 4) -> None:
         from mike_ray.models.taps import TappedModel
         from mike_ray.mike.zoo import load_teacher
 
@@ -85,6 +90,7 @@ class MikeShard:
         self.bf16 = bool(bf16)  # autocast to bf16 on the shard's device (CUDA, or CPU for tests)
         self.dtype = dtype
         self.host_outputs = host_outputs
+        self.group_rows = group_rows
         self.teachers: dict[str, tuple[TeacherRef, torch.nn.Module]] = {}
         specs: dict[str, str] = {}
         for ref in teachers:
@@ -161,7 +167,7 @@ class MikeShard:
             n = batch if idx is None else int(idx.shape[0])
             counts[name] = n
             # teachers of one stack with as many rows and the same weighted taps run as one group
-            stack = self._stacks.get(name, (None, 0))[0]
+            stack = self._stacks.get(name, (None, 0))[0] if n <= self.group_rows else None
             key = (id(stack), n, tuple(v != 0.0 for v in w.values())) if stack is not None else (name,)
             jobs.setdefault(key, []).append((name, idx, w))
 
@@ -376,13 +382,14 @@ class MikeShardPool(ShardPool):
         self.retries = 0
         if placement.mode == "local":
             # in-process: the caller's thread setting stays as it is
-            self.shards = [MikeShard(g, placement.device, None, placement.bf16, dtype) for g in self.groups]
+            self.shards = [MikeShard(g, placement.device, None, placement.bf16, dtype, False, placement.group_rows)
+                           for g in self.groups]
             self._taps = {k: v for s in self.shards for k, v in s.taps().items()}
         else:
             import ray
 
             self.shards = start_shard_actors(MikeShard, [(g, placement.device, placement.threads, placement.bf16,
-                                                             dtype, True) for g in self.groups],
+                                                             dtype, True, placement.group_rows) for g in self.groups],
                                              placement, placement_group, first_bundle, concurrency)
             self._taps = {}
             for taps in ray.get([s.taps.remote() for s in self.shards]):
