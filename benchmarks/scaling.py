@@ -16,10 +16,10 @@ Variants, all stepping the same student on the same batches:
 
 (a) ``ours``: ``MikeShardPool`` on 2 Ray actor shards (1 CPU, 1 torch thread each;
     ``teachers_per_shard: auto``): each teacher runs on its own rows only (gathered), an absent
-    teacher does nothing, and a shard's teachers of one architecture with as many rows run as one
-    grouped (vmapped) forward (``models/stacked.py``).
+    teacher does nothing, and a shard's teachers of one architecture with as many rows, at most
+    ``placement.group_rows`` (4) each, run as one grouped (vmapped) forward (``models/stacked.py``).
 ``one-by-one``: (a) without the grouping — one teacher's forward and backward after another (the
-    shard step before grouping), N > 1.
+    shard step before grouping), N > 1; at N ≤ 11 (≥ 6 rows per teacher) (a) runs this way too.
 (b) ``full-batch``: the shard step before the gather (every teacher on the whole batch, the loss
     masked afterwards) — the same 2 shards, written here as a ``MikeShard`` subclass.
 (c) ``peer``: the step written by hand in one process (what a user writes without mike_ray): every
