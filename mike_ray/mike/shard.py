@@ -283,7 +283,7 @@ class _Step:
         weighted = [tap for tap, v in chunk[0][2].items() if v]
         wt = torch.tensor([[w[tap] for tap in weighted] for _, _, w in chunk], dtype=self.loss_dtype,
                           device=self.x.device)  # G×L
-        members = torch.tensor(sel, device=self.x.device)
+        members = stack.select(torch.tensor(sel, device=self.x.device))  # their weights, gathered once
         with torch.autocast(self.x.device.type, torch.bfloat16, enabled=self.bf16):
             with torch.no_grad():
                 feats_x = stack.forward(members, xs, upto=weighted[-1])

@@ -67,14 +67,20 @@ class StackedModels:
             base = self._local.base = copy.deepcopy(self._template)
         return base
 
-    def forward(self, sel: Tensor, x: Tensor, **kwargs) -> object:
-        """Modules ``sel`` (int64 G') on inputs ``x`` (G'×n×…): the vmapped outputs, every tensor
-        in them with a leading G' dimension (a dict of taps stays a dict of G'×n×… tensors)."""
+    def select(self, sel: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The stacked parameters and buffers of members ``sel`` (int64 G'): gathered once, for one or
+        several :meth:`forward` calls (a MIKE step runs the same members on x and on x̄)."""
+        return ({k: v.index_select(0, sel) for k, v in self.params.items()},
+                {k: v.index_select(0, sel) for k, v in self.buffers.items()})
+
+    def forward(self, members: Tensor | tuple[dict[str, Tensor], dict[str, Tensor]], x: Tensor, **kwargs) -> object:
+        """Members (int64 G', or what :meth:`select` gave for them) on inputs ``x`` (G'×n×…): the
+        vmapped outputs, every tensor in them with a leading G' dimension (a dict of taps stays a dict
+        of G'×n×… tensors)."""
         from torch.func import functional_call, vmap
 
         base = self._base()
-        params = {k: v.index_select(0, sel) for k, v in self.params.items()}
-        buffers = {k: v.index_select(0, sel) for k, v in self.buffers.items()}
+        params, buffers = self.select(members) if isinstance(members, Tensor) else members
 
         def one(p: dict[str, Tensor], b: dict[str, Tensor], xi: Tensor) -> object:
             return functional_call(base, (p, b), (xi,), kwargs)
