@@ -8,8 +8,9 @@ A shard holding several teachers runs each on its own rows and accumulates their
 of one architecture are stacked (:mod:`mike_ray.models.stacked`): those with as many rows in a batch
 run as one grouped forward of at most B rows, the others one after another, so the graph alive at a
 time is never larger than one full-batch teacher's: a shard's memory does not grow with its teacher
-count, and 100 one-row teachers cost one launch instead of 100. The same :class:`MikeShard` class runs in-process (``placement.mode = "local"``) for
-debugging and for the exactness test, or as a Ray actor per shard (``"ray"``).
+count, and 100 one-row teachers cost one launch instead of 100. The same :class:`MikeShard` class
+runs in-process (``placement.mode = "local"``) for debugging and for the exactness test, or as a Ray
+actor per shard (``"ray"``).
 """
 from __future__ import annotations
 
