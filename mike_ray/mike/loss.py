@@ -99,10 +99,14 @@ def tap_term(a_x: Tensor, a_xbar: Tensor, mask: Tensor) -> Tensor:
         raise ValueError(f"tap_term: activations of x and x̄ differ in shape: {tuple(a_x.shape)} vs {tuple(a_xbar.shape)}")
     if a_xbar.dim() == 0:
         raise ValueError("tap_term: activations need a batch dimension, got a 0-d tensor")
-    batch = a_xbar.shape[0]
+    return masked_sample_mean(per_sample_term(a_x, a_xbar), mask)
+
+
+def per_sample_term(a_x: Tensor, a_xbar: Tensor) -> Tensor:
+    """``[B]``: each sample's mean squared tanh difference ``mean_e (tanh a_x[i,e] − tanh a_xbar[i,e])²``
+    (a_x detached) — the per-sample part of :func:`tap_term`, also used by a shard's grouped teachers."""
     diff = torch.tanh(a_x.detach()) - torch.tanh(a_xbar)
-    per_sample = diff.pow(2).reshape(batch, -1).mean(dim=1)  # [B]; reshape also handles 1-D taps
-    return masked_sample_mean(per_sample, mask)
+    return diff.pow(2).reshape(a_xbar.shape[0], -1).mean(dim=1)  # reshape also handles 1-D taps
 
 
 @dataclass(frozen=True)

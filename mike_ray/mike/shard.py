@@ -24,6 +24,7 @@ from typing import Mapping, Sequence
 import torch
 
 from mike_ray.errors import ModelError, TrainingError, one_line
+from mike_ray.mike.loss import per_sample_term, teacher_loss
 from mike_ray.models.stacked import StackedModels, signature
 from mike_ray.pool import ShardPool, describe_plan, forward_flops, partition, start_shard_actors
 from mike_ray.resources import PlacementConfig
@@ -242,8 +243,6 @@ class _Step:
     def one(self, name: str, tapped: torch.nn.Module, idx: torch.Tensor | None,
             w: dict[str, float]) -> list[tuple[str, torch.Tensor]]:
         """Teacher ``name`` on rows ``idx`` (None: the whole batch) with tap weights ``w``."""
-        from mike_ray.mike.loss import teacher_loss
-
         xs = self.x if idx is None else self.x.index_select(0, idx)
         xb = (self.xbar if idx is None else self.xbar.index_select(0, idx)).detach().requires_grad_(self.need_grad)
         n = int(xs.shape[0])
@@ -291,11 +290,10 @@ class _Step:
             with torch.set_grad_enabled(self.need_grad):
                 feats_xb = stack.forward(members, xb, upto=weighted[-1])
         with torch.set_grad_enabled(self.need_grad):
-            per_tap = []
-            for tap in weighted:
-                diff = torch.tanh(feats_x[tap].detach().to(self.loss_dtype)) - torch.tanh(feats_xb[tap].to(self.loss_dtype))
-                per_tap.append(diff.pow(2).reshape(g_count, n, -1).mean(dim=2).mean(dim=1))  # G
-            term = torch.stack(per_tap, dim=1)  # G×L unweighted tap terms
+            # each tap's per-sample term over the G·n rows (mike/loss.py), then each teacher's mean: G×L
+            term = torch.stack([per_sample_term(feats_x[tap].flatten(0, 1).to(self.loss_dtype),
+                                                feats_xb[tap].flatten(0, 1).to(self.loss_dtype)
+                                                ).reshape(g_count, n).mean(dim=1) for tap in weighted], dim=1)
             per_teacher = (term * wt).sum(dim=1)  # G: Σ_l w_l · term
             loss = (per_teacher * (n / self.batch)).sum()
         if self.need_grad and loss.requires_grad:
@@ -304,6 +302,7 @@ class _Step:
         term, per_teacher = term.detach(), per_teacher.detach()
         return {name: [(name, per_teacher[i])] + [(f"{name}/{tap}", term[i, j]) for j, tap in enumerate(weighted)]
                 for i, (name, _, _) in enumerate(chunk)}
+
 
 def _rows_per_task(task_ids: torch.Tensor) -> dict[int, torch.Tensor]:
     """Task id → the (sorted) row indices of that task in the batch; absent tasks are not keys.
