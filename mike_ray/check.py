@@ -216,8 +216,12 @@ def _teacher(path: Path, **_: Any) -> str:
 def _sweep(path: Path, **_: Any) -> str:
     from mike_ray.config import load_sweep
 
+    from mike_ray.orchestrate.mike_trial import list_teachers
+
     cfg = load_sweep(path)
-    return f"sweep {getattr(cfg, 'name', '?')}"
+    teachers = list_teachers(cfg, path)  # a teachers: entry is loaded and probed as the sweep would
+    return f"sweep {getattr(cfg, 'name', '?')}, {len(teachers)} teacher(s)" if teachers else \
+        f"sweep {getattr(cfg, 'name', '?')}"
 
 
 _CHECKS: dict[str, Callable[..., str]] = {

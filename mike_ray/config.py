@@ -19,7 +19,7 @@ from mike_ray.data.sources import ClassificationData
 from mike_ray.data.coco import PrepareConfig
 from mike_ray.data.tasks import TASK_CODES, TASKS
 from mike_ray.errors import ConfigError
-from mike_ray.mike.config import DownstreamConfig, TransferConfig, ZooConfig
+from mike_ray.mike.config import DownstreamConfig, QueryConfig, TeacherEntry, TransferConfig, ZooConfig, query_tasks
 from mike_ray.mhgd.config import METHODS as MHGD_METHODS
 from mike_ray.mhgd.config import ClassifierZooConfig, MHGDConfig
 from mike_ray.resources import PlacementConfig, WorkersConfig
@@ -213,6 +213,9 @@ class SweepConfig(StrictModel):
     data: DataConfig = Field(default_factory=DataConfig)
     zoo: ZooConfig = Field(default_factory=ZooConfig)
     method: Literal["mike", "pixel", "student", "soft_logits", "fsp", "ab", "kdsvd", "mhgd"] = "mike"
+    # MIKE: networks trained elsewhere, by name, beside the zoo's (which are named by their task code)
+    teachers: dict[str, TeacherEntry] = Field(default_factory=dict)
+    query: QueryConfig = Field(default_factory=QueryConfig)
     teacher_subsets: dict[str, list[str] | Literal["all"]] = Field(default_factory=lambda: {"all": "all"})
     transfer: TransferConfig = Field(default_factory=TransferConfig)
     downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
@@ -255,6 +258,7 @@ class SweepConfig(StrictModel):
             dims = self.search.embed_channels if isinstance(self.search.embed_channels, list) else [None]
             specs += [("transfer.model", {**self.transfer.model, **({"embed_channels": int(c)} if c else {})})
                       for c in dims]
+            specs += [(f"teachers.{name}.model", entry.model) for name, entry in self.teachers.items()]
         else:
             specs = [(f"classifier_zoo.teachers.{k}", v) for k, v in self.classifier_zoo.teachers.items()]
             specs.append(("mhgd.student", self.mhgd.student))
@@ -279,10 +283,12 @@ class SweepConfig(StrictModel):
             if getattr(self.search, name) is not None:
                 raise ValueError(f"search.{name}: only for MHGD-family methods ({', '.join(MHGD_METHODS)}), "
                                  f"not method '{self.method}'")
+        self._check_own_teachers()
         for name, teachers in self.teacher_subsets.items():
-            bad = [t for t in self.subset(name) if t not in TASKS]
+            bad = [t for t in self.subset(name) if t not in TASKS and t not in self.teachers]
             if bad:
-                raise ValueError(f"teacher_subsets.{name}: unknown teacher '{bad[0]}' (known: {', '.join(TASK_CODES)})")
+                raise ValueError(f"teacher_subsets.{name}: unknown teacher '{bad[0]}' (known: "
+                                 f"{', '.join([*self.teachers, *TASK_CODES])})")
         self._check_grid()
         if self.study.baselines or self.study.control:
             for name in SearchConfig.MODEL_DIMS:
@@ -292,13 +298,14 @@ class SweepConfig(StrictModel):
                                      f"study.control to false)")
         zoo = set(self.zoo.tasks)
         for name, teachers in self.teacher_subsets.items():
-            missing = [t for t in self.subset(name) if t not in zoo]
+            missing = [t for t in self.subset(name) if t not in zoo and t not in self.teachers]
             if missing:
                 raise ValueError(f"teacher_subsets.{name}: teacher '{missing[0]}' is not in zoo.tasks")
             prepared = set(self.data.prepare.tasks)
-            unprepared = [t for t in self.subset(name) if t not in prepared]
+            unprepared = [t for t in self.subset(name) if t not in self.teachers and t not in prepared]
             if unprepared:
                 raise ValueError(f"teacher_subsets.{name}: task '{unprepared[0]}' is not in data.prepare.tasks")
+            self._check_query(name)
         for name in self.search.teacher_subset or []:
             if name not in self.teacher_subsets:
                 raise ValueError(f"search.teacher_subset: '{name}' is not a key of teacher_subsets")
@@ -309,6 +316,40 @@ class SweepConfig(StrictModel):
         self._check_models()
         return self
 
+    def _check_own_teachers(self) -> None:
+        """``teachers:`` entries: names that make metric paths, no clash with a zoo teacher's task
+        code, and tasks the prepared data has (the weights are checked by ``check_teachers``)."""
+        for name, entry in self.teachers.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or set(name) <= {"."}:
+                raise ValueError(f"teachers.{name}: a teacher's name is part of metric paths: use letters, digits, "
+                                 f"'_', '-', '.'")
+            if name in TASKS:
+                raise ValueError(f"teachers.{name}: '{name}' names the zoo's teacher of task {name}; choose "
+                                 f"another name")
+            if entry.task is not None and entry.task not in self.data.prepare.tasks:
+                raise ValueError(f"teachers.{name}.task: '{entry.task}' is not in data.prepare.tasks")
+        for t in self.query.tasks or []:
+            if t not in self.data.prepare.tasks:
+                raise ValueError(f"query.tasks: '{t}' is not in data.prepare.tasks")
+
+    def query_tasks(self, teachers: list[str]) -> list[str]:
+        """The query tasks of a trial with these teachers (:func:`mike_ray.mike.config.query_tasks`)."""
+        return query_tasks(self.query, self.teachers, teachers)
+
+    def _check_query(self, subset: str) -> None:
+        teachers = self.subset(subset)
+        query = self.query_tasks(teachers)
+        if not query:
+            raise ValueError(f"query.tasks: required: no teacher of subset '{subset}' has a task to draw the "
+                             f"query set from")
+        if self.transfer.masking:
+            for t in teachers:
+                task = self.teachers[t].task if t in self.teachers else t
+                if task is not None and task not in query:
+                    where = f"teachers.{t}.task" if t in self.teachers else f"teacher_subsets.{subset}"
+                    raise ValueError(f"{where}: task '{task}' is not in query.tasks, so teacher '{t}' would never "
+                                     f"score a row under transfer.masking")
+
     def _check_grid(self) -> None:
         if self.study.algorithm != "grid":
             return
@@ -318,6 +359,9 @@ class SweepConfig(StrictModel):
 
     def _check_mhgd(self) -> None:
         """MHGD sweeps: subsets name classifier teachers; only MHGD search dimensions; one worker."""
+        for name in ("teachers", "query"):
+            if name in self.model_fields_set:
+                raise ValueError(f"{name}: only for MIKE sweeps (MHGD's teachers are classifier_zoo.teachers)")
         for name in SearchConfig.MIKE_ONLY:
             if getattr(self.search, name) is not None:
                 raise ValueError(f"search.{name}: only for MIKE sweeps (method 'mike'), not method '{self.method}'")
@@ -393,10 +437,13 @@ class SweepConfig(StrictModel):
                                      f"({why})") from None
 
     def subset(self, name: str) -> list[str]:
-        """Teacher names of a subset ("all" → every zoo teacher)."""
+        """Teacher names of a subset. "all": every ``teachers:`` entry when there are any (the zoo
+        then only provides the downstream reference), else every zoo teacher."""
         t = self.teacher_subsets[name]
         if t == "all":
-            return list(self.zoo.tasks) if self.family == "mike" else list(self.classifier_zoo.teachers)
+            if self.family != "mike":
+                return list(self.classifier_zoo.teachers)
+            return list(self.teachers) if self.teachers else list(self.zoo.tasks)
         return list(t)
 
     def output_dir(self) -> Path:

@@ -72,11 +72,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     cfg = load_sweep(args.sweep, args.overrides, args.profile)
     check_output(cfg.output, create=not args.dry_run)
+    from mike_ray.orchestrate.mike_trial import list_teachers
+
+    teachers = list_teachers(cfg, args.sweep)  # your own teachers loaded and probed: before Ray starts
     if args.dry_run:
         from mike_ray.orchestrate.driver import trial_plan
 
         print(json.dumps(cfg.resolved(), indent=2))
         print(trial_plan(cfg))
+        if teachers:
+            print("teachers (architecture, parameters, task, taps  [weights]):")
+            print("\n".join(t.line() for t in teachers))
         return 0
 
     from mike_ray.orchestrate.driver import run_sweep

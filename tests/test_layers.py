@@ -18,7 +18,7 @@ LAYERS: list[set[str]] = [
     {"mike", "mhgd"},          # the two methods, side by side: neither imports the other
     {"config"},
     {"orchestrate"},
-    {"check", "sweep", "__main__"},
+    {"check", "sweep", "random_teachers", "__main__"},
 ]
 #: inside orchestrate, low → high: bookkeeping, runs, trial drivers, the family table, Tuner, sweep driver
 ORCHESTRATE: list[set[str]] = [

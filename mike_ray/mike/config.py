@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from mike_ray.config_base import StrictModel
 from mike_ray.data.tasks import TASK_CODES, TASKS
 from mike_ray.mike.schedules import ScheduleConfig
 from mike_ray.zoo import TeacherPlacement
 
-__all__ = ["DownstreamConfig", "SegLoss", "TeacherTrainConfig", "TransferConfig", "ZooConfig"]
+__all__ = ["DownstreamConfig", "IMAGENET_MEAN", "IMAGENET_STD", "InputConfig", "QueryConfig", "SegLoss",
+           "TeacherEntry", "TeacherTrainConfig", "TransferConfig", "ZooConfig", "query_tasks"]
 
 SegLoss = Literal["bce", "bce_dice"]
 """The downstream decoders' loss (``mike_ray.metrics.segmentation_loss``)."""
@@ -97,3 +98,138 @@ class ZooConfig(TeacherPlacement):
         if len(set(v)) != len(v):
             raise ValueError("tasks repeat")
         return v
+
+
+# --- your own teachers (the ``teachers:`` section) and the query set (``query:``) ----------------------
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+class InputConfig(StrictModel):
+    """How the shared input space (B×3×H×W RGB in [0, 1], the query crops and the reconstructions)
+    maps to what a teacher was trained on. The shard applies it inside autograd, so ∂loss/∂x̄ stays
+    exact: first the resize (bilinear), then ``(x − mean) / std`` per channel.
+
+    ``input: imagenet`` is short for ImageNet's mean/std (torchvision's pretrained models);
+    ``input: none`` (the default) passes [0, 1] RGB unchanged.
+    """
+
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    size: int | tuple[int, int] | None = None  # resize to size×size (or H×W) before the teacher
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, v: Any) -> Any:
+        if v == "imagenet":
+            return {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+        if v in ("none", None):
+            return {}
+        if isinstance(v, str):
+            raise ValueError(f"unknown preset {v!r}: use 'imagenet', 'none' or a mapping of mean, std, size")
+        return v
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(not s > 0 for s in v):
+            raise ValueError("every std must be > 0")
+        return v
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: int | tuple[int, int] | None) -> int | tuple[int, int] | None:
+        sizes = [v] if isinstance(v, int) else list(v or ())
+        if any(s < 8 or s > 4096 for s in sizes):
+            raise ValueError(f"sizes must be 8..4096 pixels, got {v}")
+        return v
+
+
+class TeacherEntry(StrictModel):
+    """One network to distil that mike_ray did not train (a ``teachers:`` entry, by name).
+
+    ``model``: an arch name (our own, any torchvision classification, segmentation or detection
+    model) or a model spec mapping (``arch`` + options, see :class:`mike_ray.models.spec.ModelSpec`);
+    an ``package.module:callable`` arch is allowed here, in the sweep file you run.
+    ``weights``: a state-dict file (loaded with ``weights_only=True``); ``weights_key``: the key the
+    state dict sits under inside the file (``state_dict``, ``model``); ``strip_prefix``: removed
+    from every key that has it (``module.`` from DataParallel/DDP checkpoints).
+    ``taps``: module paths of the model, glob patterns or a rule (``blocks``: every top-level child;
+    ``backbone.*``; ``layer*``), plus ``output`` for the model's (selected) output.
+    ``output``: which output to use when the model returns a dict or tuple (``out`` for
+    torchvision segmentation); only matters when ``output`` is tapped, and is checked either way.
+    ``task``: the task code whose query rows this teacher scores (query masking), or none: the
+    teacher sees every row.
+    """
+
+    model: dict[str, Any]
+    weights: str = Field(min_length=1)
+    weights_key: str | None = None
+    strip_prefix: str | None = None
+    taps: str | list[str] = "blocks"
+    input: InputConfig = Field(default_factory=InputConfig)
+    output: str | int | None = None
+    task: str | None = None
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _arch_only(cls, v: Any) -> Any:
+        return {"arch": v} if isinstance(v, str) else v
+
+    @field_validator("weights")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        # relative to where the sweep is launched (like data.coco_root); shards on other nodes read it
+        # from the same path, so on a cluster it lies on shared storage
+        from pathlib import Path
+
+        return str(Path(v).expanduser().absolute())
+
+    @field_validator("taps")
+    @classmethod
+    def _taps(cls, v: str | list[str]) -> str | list[str]:
+        if (isinstance(v, str) and not v.strip()) or (isinstance(v, list) and (not v or not all(t.strip() for t in v))):
+            raise ValueError("give at least one module path, pattern or rule")
+        return v
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, v: str | None) -> str | None:
+        if v is not None and v not in TASKS:
+            raise ValueError(f"unknown task {v!r} (known: {', '.join(TASK_CODES)}; or leave it out: the teacher "
+                             f"sees every query row)")
+        return v
+
+
+class QueryConfig(StrictModel):
+    """The query set: the images the student reconstructs and the teachers score.
+
+    ``tasks``: prepared tasks whose train crops (and val crops, for validation) form the query set,
+    independent of the teachers and of the downstream tasks; none: the trial's teachers' own tasks
+    (the paper's §4.1 setting). Each query row carries its task label, so ``transfer.masking`` lets a
+    teacher with a ``task`` score only that task's rows; a teacher without one scores every row.
+    """
+
+    tasks: list[str] | None = None
+
+    @field_validator("tasks")
+    @classmethod
+    def _known(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        bad = [t for t in v if t not in TASKS]
+        if bad or not v:
+            raise ValueError(f"unknown task {bad[0]!r} (known: {', '.join(TASK_CODES)})" if bad
+                             else "at least one task is required (or leave it out)")
+        if len(set(v)) != len(v):
+            raise ValueError("tasks repeat")
+        return v
+
+
+def query_tasks(query: QueryConfig, entries: dict[str, TeacherEntry], teachers: list[str]) -> list[str]:
+    """The query set of a trial with these teachers: ``query.tasks``, or the teachers' own tasks (a
+    zoo teacher's is its name, an entry's its ``task``; entries without one add none)."""
+    if query.tasks:
+        return list(query.tasks)
+    own = [entries[t].task if t in entries else t for t in teachers]
+    return list(dict.fromkeys(t for t in own if t is not None))

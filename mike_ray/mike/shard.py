@@ -33,10 +33,12 @@ from mike_ray.utils import limit_threads, resolve_device
 
 @dataclass(frozen=True)
 class TeacherRef:
-    """How a shard finds one teacher: a stored zoo entry (``path``) and its task for masking.
+    """How a shard finds one teacher, and its task for masking: a stored zoo teacher (``path``, its
+    folder) or a ``teachers:`` entry of the sweep file (``entry``, its resolved fields as plain data;
+    ``path`` is then its weights file).
 
     ``task_id`` is the index of the teacher's task (query masking keeps only those samples);
-    ``None`` turns masking off for this teacher.
+    ``None`` turns masking off for this teacher: it scores every row.
     """
 
     name: str
@@ -45,6 +47,7 @@ class TeacherRef:
     taps: tuple[str, ...] | None = None  # None: the taps stored with the teacher
     # import-path archs the running sweep file names: the only ones the stored record may use
     imports: tuple[str, ...] = ()
+    entry: Mapping[str, object] | None = None  # a teachers: entry (TeacherEntry as JSON data)
 
 
 @dataclass
@@ -85,6 +88,7 @@ class MikeShard:
                  bf16: bool = False, dtype: torch.dtype = torch.float32, host_outputs: bool = False,
                  group_rows: int = 4) -> None:
         from mike_ray.models.taps import TappedModel
+        from mike_ray.mike.teachers import load_entry
         from mike_ray.mike.zoo import load_teacher
 
         limit_threads(threads)
@@ -96,6 +100,13 @@ class MikeShard:
         self.teachers: dict[str, tuple[TeacherRef, torch.nn.Module]] = {}
         specs: dict[str, str] = {}
         for ref in teachers:
+            if ref.entry is not None:  # your own teacher: input mapping → model → output, tapped
+                tapped = load_entry(ref.name, ref.entry, self.device, ref.imports).to(dtype)
+                # the weights (file, key, prefix) and task do not change the forward
+                specs[ref.name] = repr(sorted((k, v) for k, v in ref.entry.items()
+                                              if k not in ("weights", "weights_key", "strip_prefix", "task")))
+                self.teachers[ref.name] = (ref, tapped)
+                continue
             model, rec = load_teacher(Path(ref.path), self.device, ref.imports)
             # the seed only initialises: two teachers differing in it alone run the same forward
             specs[ref.name] = repr(sorted((k, v) for k, v in rec.model.items() if k != "seed"))
@@ -327,6 +338,7 @@ def expected_work(teachers: Sequence[TeacherRef], shares: Mapping[int, float] | 
     (``shares``: task id → fraction; missing or None → equal shares over the teachers' tasks) × its
     forward FLOPs per sample (from its stored model spec). A teacher without a task (unmasked) sees
     every row: share 1."""
+    from mike_ray.mike.teachers import entry_flops
     from mike_ray.mike.zoo import read_teacher
 
     tasks = {t.task_id for t in teachers if t.task_id is not None}
@@ -335,10 +347,11 @@ def expected_work(teachers: Sequence[TeacherRef], shares: Mapping[int, float] | 
     flops: dict[str, float] = {}
     out = []
     for t in teachers:
-        spec = read_teacher(Path(t.path)).model
+        spec = dict(t.entry) if t.entry is not None else read_teacher(Path(t.path)).model
         key = repr(sorted(spec.items()))
         if key not in flops:
-            flops[key] = forward_flops(spec, imports=t.imports)
+            flops[key] = entry_flops(t.name, spec, imports=t.imports) if t.entry is not None else \
+                forward_flops(spec, imports=t.imports)
         out.append((1.0 if t.task_id is None else float(shares.get(t.task_id, 0.0))) * flops[key])
     return out
 

@@ -6,6 +6,7 @@ A model spec is a small dict (a section of a sweep or teacher-zoo file)::
     {"arch": "autoencoder", "embed_channels": 2}
     {"arch": "wrn", "depth": 16, "width": 4, "num_classes": 33}  # CIFAR-style classifiers (MHGD)
     {"arch": "resnet18", "num_classes": 3}                    # any torchvision classifier, weights=None
+    {"arch": "lraspp_mobilenet_v3_large", "num_classes": 21}  # torchvision segmentation / detection
     {"arch": "my_pkg.nets:make_net", "kwargs": {"k": 1}}      # any importable nn.Module factory
 
 An import-path arch makes mike_ray import and call code, so it is built only when the caller allows
@@ -14,7 +15,8 @@ a spec read from a stored file (a teacher record, a classifier record): only tho
 file names itself (:func:`import_archs`). The default allows none — a file the project reads can name
 registered architectures only, never code to run.
 
-Torchvision models are always built with ``weights=None`` (no downloads; teachers are trained here).
+Torchvision models are always built with ``weights=None`` (and ``weights_backbone=None`` for segmentation
+and detection models): nothing is downloaded; weights come from files (a zoo, or a ``teachers:`` entry).
 """
 from __future__ import annotations
 
@@ -61,9 +63,18 @@ _TYPED_FIELDS = ("num_classes", "width", "depth", "num_downsamples", "expand_rat
                  "stem_stride")
 
 
+def _torchvision_archs() -> dict[str, bool]:
+    """Torchvision model name → whether it has a backbone of its own (segmentation, detection),
+    which torchvision would otherwise initialise from downloaded ImageNet weights."""
+    out = {a: False for a in torchvision.models.list_models(module=torchvision.models)}
+    for module in (torchvision.models.segmentation, torchvision.models.detection):
+        out.update({a: True for a in torchvision.models.list_models(module=module)})
+    return out
+
+
 def available_archs() -> list[str]:
-    """Our architectures, then torchvision's classification models."""
-    return list(_CUSTOM) + torchvision.models.list_models(module=torchvision.models)
+    """Our architectures, then torchvision's classification, segmentation and detection models."""
+    return list(_CUSTOM) + list(_torchvision_archs())
 
 
 def _as_spec(spec: Mapping[str, Any] | ModelSpec, name: str | None = None) -> ModelSpec:
@@ -114,12 +125,14 @@ def build_model(spec: Mapping[str, Any] | ModelSpec, *, name: str | None = None,
             raise ModelError(f"model '{label}': option '{bad[0]}' does not apply to an imported arch; "
                              f"pass it in 'kwargs'")
         kwargs = {**s.kwargs, **given}
-    elif s.arch in torchvision.models.list_models(module=torchvision.models):
+    elif s.arch in (tv := _torchvision_archs()):
         bad = [f for f in given if f != "num_classes"]
         if bad:
             raise ModelError(f"model '{label}': option '{bad[0]}' does not apply to torchvision's "
                              f"'{s.arch}' (allowed: num_classes, seed, kwargs)")
-        factory = lambda **kw: torchvision.models.get_model(s.arch, weights=None, **kw)  # noqa: E731
+        # never a download: no weights, and no ImageNet backbone for segmentation/detection models
+        fixed = {"weights": None, **({"weights_backbone": None} if tv[s.arch] else {})}
+        factory = lambda **kw: torchvision.models.get_model(s.arch, **fixed, **kw)  # noqa: E731
         kwargs = {**s.kwargs, **given}
     else:
         close = difflib.get_close_matches(s.arch, available_archs(), n=3, cutoff=0.6)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mike_ray.config import SearchConfig, SweepConfig
-from mike_ray.mike.config import DownstreamConfig, TransferConfig
+from mike_ray.mike.config import DownstreamConfig, QueryConfig, TeacherEntry, TransferConfig, query_tasks
 from mike_ray.orchestrate.records import TrialContext, begin_trial, load_records, shown_params
 from mike_ray.tracking import RunLogger, Tracking
 from mike_ray.config_base import StrictModel
@@ -25,6 +25,12 @@ class MikeSettings(StrictModel):
 
     transfer: TransferConfig
     downstream: DownstreamConfig
+    teachers: dict[str, TeacherEntry] = {}  # the sweep's own teachers, beside the zoo's
+    query: QueryConfig = QueryConfig()
+
+    def query_tasks(self, teachers: list[str]) -> list[str]:
+        """The trial's query tasks (:func:`mike_ray.mike.config.query_tasks`)."""
+        return query_tasks(self.query, self.teachers, teachers)
 
 
 def trial_settings(ctx: TrialContext, params: dict[str, Any]) -> tuple[str, TransferConfig, str, list[str]]:
@@ -67,14 +73,15 @@ def mike_trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
     params = dict(config)
     method, tcfg, subset, teachers = trial_settings(ctx, params)
     zoo = read_zoo(ctx.zoo_dir)
-    query = [zoo[t].task for t in teachers]  # the query data: the teachers' own tasks (paper §4.1)
+    # the query data: query.tasks, or the teachers' own tasks (paper §4.1)
+    query = ctx.settings.query_tasks(teachers)
     trial = begin_trial(ctx, params, family="mike", method=method, subset=subset, teachers=teachers,
                         seed=tcfg.seed, report=final_metrics, model=tcfg.model)
     if trial is None:  # finished before the driver died: its stored result was re-reported
         return
     trial_id, run = trial.trial_id, trial.run
     run.params({"trial": shown_params(params), "transfer": tcfg.model_dump(mode="json"),
-                "teachers": ",".join(teachers) or "-", "teacher_subset": subset,
+                "teachers": ",".join(teachers) or "-", "teacher_subset": subset, "query_tasks": ",".join(query) or "-",
                 "downstream": ctx.settings.downstream.model_dump(mode="json")})
     with trial.failing():
         res = None
@@ -86,7 +93,7 @@ def mike_trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
             # --- transfer: shards in this trial's placement group, workers in Train's own -------
             shards = None
             if tcfg.method == "mike":
-                refs = teacher_refs(ctx.zoo_dir, teachers, ctx.import_archs)
+                refs = teacher_refs(ctx.zoo_dir, teachers, ctx.import_archs, ctx.settings.teachers)
                 auto = ctx.placement.teachers_per_shard == "auto"
                 shards = MikeShardPool(refs, ctx.placement, placement_group=ray.util.get_current_placement_group(),
                                     first_bundle=1, shares=query_shares(ctx.data_root, query) if auto else None,
@@ -184,6 +191,28 @@ def _baseline_record(sweep_dir: Path, subset: str, seed: int, model: dict) -> di
     return None
 
 
+def list_teachers(cfg: SweepConfig, sweep_file: str | Path) -> list:
+    """Every MIKE teacher the sweep's subsets name, as ``--dry-run`` lists them: a ``teachers:``
+    entry is built, its weights loaded and one dummy query batch run through it (a misfit is a
+    one-line error naming the sweep file, the teacher and the field); a zoo teacher is described by
+    the zoo's model spec (it may not be trained yet)."""
+    from mike_ray.errors import ModelError
+
+    if cfg.family != "mike" or cfg.method == "pixel":
+        return []
+    from mike_ray.mike.teachers import check_teachers, describe_zoo_teacher
+
+    named = list(dict.fromkeys(t for s in cfg.teacher_subsets for t in cfg.subset(s)))
+    try:
+        own = {t.name: t for t in check_teachers({n: cfg.teachers[n] for n in named if n in cfg.teachers},
+                                                 cfg.data.prepare.image_size)}
+    except ModelError as err:
+        raise ModelError(f"{sweep_file}: {err}") from None
+    zoo = {n: describe_zoo_teacher(n, {**cfg.zoo.model, "num_classes": 3}, cfg.zoo.taps, "zoo")
+           for n in named if n not in cfg.teachers}
+    return [own.get(n) or zoo[n] for n in named]
+
+
 # --- the family: what the sweep driver and the Tuner ask of MIKE ------------------------------------
 class MikeFamily:
     """MIKE (autoencoder + downstream IoU): see :class:`mike_ray.orchestrate.family.Family`."""
@@ -200,7 +229,7 @@ class MikeFamily:
         return data_root, ensure_zoo(cfg.zoo, data_root, out, tracking, parent_id)
 
     def settings(self, cfg: SweepConfig, data_root: Path | None) -> MikeSettings:
-        return MikeSettings(transfer=cfg.transfer, downstream=cfg.downstream)
+        return MikeSettings(transfer=cfg.transfer, downstream=cfg.downstream, teachers=cfg.teachers, query=cfg.query)
 
     def extra_studies(self, cfg: SweepConfig, seeds: Any) -> list[tuple[str, list[str], dict[str, Any]]]:
         """Pixel baselines per searched subset × seed × model setting (matched to the MIKE trials of
@@ -297,15 +326,19 @@ def _shard_plan(cfg: SweepConfig) -> list[str]:
     p = cfg.resources.placement
     lines = [f"  shards (teachers_per_shard: auto, num_shards {p.num_shards}; expected work = forward "
              f"FLOPs × task share, shares assumed equal):"]
-    flops: dict[int, float] = {}
+    from mike_ray.mike.teachers import entry_flops
+
+    flops: dict[str, float] = {}
     for name in cfg.search.teacher_subset or [next(iter(cfg.teacher_subsets))]:
         teachers = cfg.subset(name)
+        tasks = cfg.query_tasks(teachers)
         work = []
         for t in teachers:
-            k = len(TASKS[t])
-            if k not in flops:
-                flops[k] = forward_flops({**cfg.zoo.model, "num_classes": k}, imports="any")  # the sweep's
-            work.append(flops[k] / len(teachers))
+            if t not in flops:  # the sweep's own specs
+                flops[t] = entry_flops(t, cfg.teachers[t]) if t in cfg.teachers else \
+                    forward_flops({**cfg.zoo.model, "num_classes": len(TASKS[t])}, imports="any")
+            own = cfg.teachers[t].task if t in cfg.teachers else t
+            work.append(flops[t] * (1.0 if own is None or not cfg.transfer.masking else 1.0 / len(tasks)))
         plan = describe_plan(partition(teachers, "auto", work, p.num_shards), work, teachers)
         lines += [f"    {name}: " + plan.replace("\n", " | ")]
     return lines

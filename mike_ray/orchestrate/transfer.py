@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from mike_ray.data.tasks import TASK_CODES
 from mike_ray.errors import ConfigError
+from mike_ray.mike.config import TeacherEntry
 from mike_ray.mike.train import CKPT_FILE, TransferConfig, train_fn_per_worker
 from mike_ray.orchestrate.trainer import fit_trainer
 from mike_ray.resources import PlacementConfig, WorkersConfig
@@ -30,14 +31,22 @@ class TransferResult:
     retries: int = 0
 
 
-def teacher_refs(zoo_dir: Path, names: Sequence[str], imports: Sequence[str] = ()) -> list[TeacherRef]:
-    """Zoo entries → shard references; each teacher masks to its own task. ``imports``: the
-    import-path archs the running sweep file names (``import_archs``), the only ones a stored record
-    may use."""
+def teacher_refs(zoo_dir: Path, names: Sequence[str], imports: Sequence[str] = (),
+                 entries: Mapping[str, TeacherEntry] | None = None) -> list[TeacherRef]:
+    """Teacher names → shard references: a ``teachers:`` entry of the sweep (``entries``) by its own
+    name, else the zoo teacher of that name; each masks to its task (an entry without one scores
+    every row). ``imports``: the import-path archs the running sweep file names
+    (``import_archs``), the only ones a stored record may use."""
     from mike_ray.mike.zoo import read_teacher
 
+    entries = entries or {}
     refs = []
     for n in names:
+        if n in entries:
+            e = entries[n]
+            refs.append(TeacherRef(name=n, path=e.weights, task_id=None if e.task is None else TASK_CODES.index(e.task),
+                                   imports=tuple(sorted(imports)), entry=e.model_dump(mode="json")))
+            continue
         rec = read_teacher(Path(zoo_dir) / n)
         refs.append(TeacherRef(name=n, path=str(Path(zoo_dir) / n), task_id=TASK_CODES.index(rec.task),
                                imports=tuple(sorted(imports))))

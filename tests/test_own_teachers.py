@@ -1,0 +1,298 @@
+"""Your own teachers: torchvision networks mike_ray did not write, loaded from state-dict files.
+
+Three heterogeneous teachers — ``lraspp_mobilenet_v3_large`` and ``deeplabv3_mobilenet_v3_large``
+(dict outputs) and a ``resnet18`` classifier, all ImageNet-normalised, the classifier also resized —
+with weights saved from randomly initialised models (BatchNorm statistics perturbed, so the eval-mode
+forward is not the identity a fresh BN would be). The shard's ∂loss/∂x̄ must equal plain autograd
+through the normalisation and the models, in float64. Every misfit of a ``teachers:`` entry is a
+one-line error naming the teacher and the field, before Ray starts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mike_ray.data.tasks import TASK_CODES
+from mike_ray.errors import ModelError
+from mike_ray.mike.config import IMAGENET_MEAN, IMAGENET_STD, TeacherEntry
+from mike_ray.mike.shard import MikeShardPool
+from mike_ray.mike.teachers import check_teachers
+from mike_ray.models import build_model
+from mike_ray.models.taps import TappedModel
+from mike_ray.orchestrate.transfer import teacher_refs
+from mike_ray.resources import PlacementConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = ROOT / "sweeps" / "bring_your_own.yaml"
+
+# name → (spec, taps, output, task, resize, how the file stores the state dict)
+TEACHERS = {
+    "lraspp": ({"arch": "lraspp_mobilenet_v3_large", "num_classes": 4}, ["backbone.2", "backbone.4", "output"], "out",
+               "PHB", None, {"weights_key": "state_dict", "strip_prefix": "module."}),
+    "deeplab": ({"arch": "deeplabv3_mobilenet_v3_large", "num_classes": 4}, ["backbone.3", "classifier.0"], "out",
+                "DCH", None, {}),
+    "resnet": ({"arch": "resnet18", "num_classes": 7}, ["layer1", "layer3", "fc"], None, None, 80,
+               {"weights_key": "model"}),
+}
+
+
+def _random_state(spec: dict, seed: int) -> dict[str, torch.Tensor]:
+    """A randomly initialised model's state dict, its BatchNorm running statistics perturbed."""
+    model = build_model({**spec, "seed": seed})
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory) -> tuple[dict[str, TeacherEntry], dict[str, dict]]:
+    """The three teachers' entries and their plain state dicts (for the reference computation)."""
+    d = tmp_path_factory.mktemp("own_teachers")
+    entries, states = {}, {}
+    for i, (name, (spec, taps, output, task, size, layout)) in enumerate(TEACHERS.items()):
+        state = states[name] = _random_state(spec, i)
+        stored = {layout.get("strip_prefix", "") + k: v for k, v in state.items()}
+        torch.save({layout["weights_key"]: stored} if "weights_key" in layout else stored, d / f"{name}.pt")
+        entries[name] = TeacherEntry(model=spec, weights=str(d / f"{name}.pt"), taps=taps, output=output, task=task,
+                                     input={"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "size": size}, **layout)
+    return entries, states
+
+
+def _reference_loss(states: dict, x: torch.Tensor, xbar: torch.Tensor, task_ids: torch.Tensor,
+                    weights: dict[str, dict[str, float]]) -> torch.Tensor:
+    """Eq. 1 over the batch written out plainly: each model built and loaded here (no TeacherNet),
+    the resize and ImageNet normalisation as explicit ops, taps by forward hooks, outputs by key."""
+    total = torch.zeros((), dtype=xbar.dtype)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=xbar.dtype).reshape(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=xbar.dtype).reshape(1, 3, 1, 1)
+    for name, (spec, taps, output, task, size, _) in TEACHERS.items():
+        model = build_model(spec).double().eval()
+        model.load_state_dict(states[name])
+        module_taps = [t for t in taps if t != "output"]
+        tapped = TappedModel(model, module_taps, method="hooks").eval()
+
+        def feats(img: torch.Tensor) -> dict[str, torch.Tensor]:
+            if size is not None:
+                img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False)
+            img = (img - mean) / std
+            out = dict(tapped(img))
+            if "output" in taps:
+                out["output"] = model(img)[output]
+            return out
+
+        fx, fxb = feats(x), feats(xbar)
+        own = (task_ids == TASK_CODES.index(task)).to(xbar.dtype) if task else torch.ones(len(x), dtype=xbar.dtype)
+        for tap, w in weights[name].items():
+            per_sample = (torch.tanh(fx[tap].detach()) - torch.tanh(fxb[tap])).pow(2).flatten(1).mean(1)
+            total = total + w * (per_sample * own).sum() / len(x)
+    return total
+
+
+@pytest.mark.parametrize("mode", ["local", "ray"])
+def test_heterogeneous_teachers_give_the_exact_gradient_through_their_input_mapping(own, mode, request) -> None:
+    """The shard step (each masked teacher on its own rows, the classifier on every row, normalisation
+    and resize inside autograd) equals plain autograd of eq. 1, loss and ∂/∂x̄, in float64."""
+    entries, states = own
+    if mode == "ray":
+        request.getfixturevalue("ray_local")
+    refs = teacher_refs(Path("/nonexistent-zoo"), list(entries), entries=entries)
+    assert [r.task_id for r in refs] == [TASK_CODES.index("PHB"), TASK_CODES.index("DCH"), None]
+    placement = PlacementConfig(mode=mode, teachers_per_shard=2, cpus_per_shard=0.5, device="cpu")
+    pool = MikeShardPool(refs, placement, dtype=torch.float64)
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.rand(6, 3, 64, 64, generator=g, dtype=torch.float64)
+        xbar = (x + 0.1 * torch.randn(x.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+        task_ids = torch.tensor([TASK_CODES.index(t) for t in ["PHB", "DCH", "CTB", "PHB", "DCH", "CTB"]])
+        taps = pool.taps()
+        assert taps == {n: TEACHERS[n][1] for n in TEACHERS}  # the user's own paths, "output" included
+        weights = {n: {t: 0.5 + 0.25 * k for k, t in enumerate(ts)} for n, ts in taps.items()}
+
+        res = pool.step(x, xbar, task_ids, weights, masking=True)
+
+        leaf = xbar.clone().requires_grad_(True)
+        expected = _reference_loss(states, x, leaf, task_ids, weights)
+        (grad,) = torch.autograd.grad(expected, leaf)
+        assert res.counts == {"lraspp": 2, "deeplab": 2, "resnet": 6}  # the classifier has no task: every row
+        assert abs(res.loss - expected.item()) <= 1e-10 * abs(expected.item())
+        assert float(grad.abs().max()) > 0  # not vacuous
+        err = float((res.grad - grad).abs().max() / grad.abs().max())
+        assert err < 1e-10, err
+        # rows of CTB reach only the classifier: its gradient is the only one there
+        assert float(res.grad[[2, 5]].abs().max()) > 0
+        assert all(res.terms[f"{n}/{t}"] > 0 for n, ts in taps.items() for t in ts)
+    finally:
+        pool.shutdown()
+
+
+# --- misfits: one line, the teacher and the field ----------------------------------------------------
+def _entry(own, name: str, **change) -> dict[str, TeacherEntry]:
+    entries, _ = own
+    return {name: entries[name].model_copy(update=change)}
+
+
+def _write(tmp_path: Path, obj, name: str = "w.pt") -> str:
+    torch.save(obj, tmp_path / name)
+    return str(tmp_path / name)
+
+
+@pytest.mark.parametrize("case, field, says", [
+    ("missing_file", "weights", "weights file not found"),
+    ("not_a_state_dict", "weights", "not a state dict"),
+    ("wrong_key", "weights_key", "'weights' is not a key"),
+    ("no_key_given", "weights", "set weights_key to one of: state_dict"),
+    ("prefix_not_stripped", "weights", "set strip_prefix: 'module.'"),
+    ("wrong_prefix", "strip_prefix", "no key of"),
+    ("wrong_shape", "weights", "has shape"),
+    ("unknown_tap", "taps", "unknown tap 'backbone.99'"),
+    ("wrong_output_key", "output", "'logits' is not an output of the model (keys: 'out')"),
+    ("dict_output_tapped", "output", "the model returns a OrderedDict: name the one to tap"),
+    ("input_channels", "input", "cannot take the query images"),
+    ("too_small_after_resize", "input", "cannot take the query images (3×64×64, resized to 8×8)"),
+])
+def test_a_teacher_that_does_not_fit_is_one_line_naming_it_and_the_field(own, tmp_path, case, field, says) -> None:
+    entries, states = own
+    lr = states["lraspp"]
+    change = {
+        "missing_file": ("lraspp", {"weights": str(tmp_path / "none.pt")}),
+        "not_a_state_dict": ("deeplab", {"weights": _write(tmp_path, [torch.zeros(1)])}),
+        "wrong_key": ("lraspp", {"weights_key": "weights"}),
+        "no_key_given": ("lraspp", {"weights_key": None}),
+        "prefix_not_stripped": ("lraspp", {"strip_prefix": None}),
+        "wrong_prefix": ("lraspp", {"strip_prefix": "model."}),
+        "wrong_shape": ("lraspp", {"model": {"arch": "lraspp_mobilenet_v3_large", "num_classes": 5}}),
+        "unknown_tap": ("lraspp", {"taps": ["backbone.99"]}),
+        "wrong_output_key": ("lraspp", {"output": "logits"}),
+        "dict_output_tapped": ("lraspp", {"output": None}),
+        "input_channels": ("gray", {}),
+        "too_small_after_resize": ("small", {}),
+    }[case]
+    name, update = change
+    if name == "gray":  # a model that takes 1-channel images, from an import path in the sweep file
+        conv = torch.nn.Conv2d(1, 2, 3)
+        entry = TeacherEntry(model={"arch": "torch.nn:Conv2d", "kwargs": {"in_channels": 1, "out_channels": 2,
+                                                                         "kernel_size": 3}},
+                             weights=_write(tmp_path, conv.state_dict()), taps=["output"])
+        bad = {"gray": entry}
+    elif name == "small":  # squeezenet's first layers shrink 8×8 to nothing
+        net = build_model({"arch": "squeezenet1_0", "num_classes": 5})
+        bad = {"small": TeacherEntry(model={"arch": "squeezenet1_0", "num_classes": 5}, taps="features.*",
+                                     weights=_write(tmp_path, net.state_dict()), input={"size": 8})}
+    else:
+        if "input" in update:
+            update["input"] = entries[name].input.model_copy(update=update["input"])
+        bad = _entry(own, name, **update)
+    del lr
+    with pytest.raises(ModelError) as err:
+        check_teachers(bad)
+    msg = str(err.value)
+    assert msg.startswith(f"teachers.{name}.{field}: "), msg
+    assert says in msg, msg
+    assert "\n" not in msg and len(msg) < 400, msg
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONUNBUFFERED="1", RAY_ADDRESS="")
+
+
+def test_dry_run_lists_each_teacher_and_a_misfit_stops_before_ray(tmp_path) -> None:
+    """``random_teachers`` writes the smoke profile's state dicts; ``--dry-run`` then lists every
+    teacher (architecture, parameters, task, taps); a broken one is one line, exit 2, no Ray."""
+    py = [sys.executable, "-m"]
+    written = subprocess.run(py + ["mike_ray.random_teachers", str(SWEEP), "--profile", "smoke"], cwd=tmp_path,
+                             env=_env(), capture_output=True, text=True, timeout=300)
+    assert written.returncode == 0, written.stderr
+    assert written.stdout.count("written ") == 3
+    again = subprocess.run(py + ["mike_ray.random_teachers", str(SWEEP), "--profile", "smoke"], cwd=tmp_path,
+                           env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.stdout.count("kept ") == 3  # never overwritten
+
+    dry = subprocess.run(py + ["mike_ray.sweep", str(SWEEP), "--profile", "smoke", "--dry-run"], cwd=tmp_path,
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr
+    listing = dry.stdout[dry.stdout.index("teachers (architecture"):].splitlines()[1:]
+    expect = {"seg_lraspp": ("lraspp_mobilenet_v3_large", "task PHB", "backbone.2, backbone.4, backbone.7, "
+                                                                      "backbone.12, output"),
+              "seg_deeplab": ("deeplabv3_mobilenet_v3_large", "task DCH", "classifier.0"),
+              "cls_resnet18": ("resnet18, 11.18 M parameters", "every row", "layer1, layer2, layer3, layer4")}
+    assert len(listing) == 3, listing
+    for line, (name, parts) in zip(listing, expect.items()):
+        assert line.strip().startswith(f"{name}: "), line
+        assert all(p in line for p in parts), line
+
+    # a tap that does not exist: one line naming the sweep file, the teacher and the field; Ray never started
+    bad = subprocess.run(py + ["mike_ray.sweep", str(SWEEP), "--profile", "smoke",
+                               "--set", "teachers.seg_deeplab.taps=[backbone.3, backbone.77]"],
+                         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0, bad.stderr
+    assert f"{SWEEP}: teachers.seg_deeplab.taps: " in bad.stderr and "backbone.77" in bad.stderr, bad.stderr
+    assert "Ray" not in bad.stdout + bad.stderr and not (tmp_path / "outputs" / "mlflow.db").exists()
+
+
+def test_sweep_file_checks_of_own_teachers(tmp_path) -> None:
+    """Checks that need no weights: names, tasks, the query set, subsets naming entries."""
+    from mike_ray.config import load_sweep
+    from mike_ray.errors import ConfigError
+
+    def load(*sets: str) -> str:
+        with pytest.raises(ConfigError) as err:
+            load_sweep(SWEEP, [f"output={tmp_path}", *sets], profile="smoke")
+        return str(err.value)
+
+    cfg = load_sweep(SWEEP, [f"output={tmp_path}"], profile="smoke")
+    assert cfg.subset("all_three") == ["seg_lraspp", "seg_deeplab", "cls_resnet18"]  # "all": the entries
+    assert cfg.query_tasks(cfg.subset("all_three")) == ["PHB", "DCH", "CTB"]
+    assert "teachers.seg_lraspp.task: unknown task 'XYZ'" in load("teachers.seg_lraspp.task=XYZ")
+    assert "teachers.DCH: 'DCH' names the zoo's teacher" in load("teachers.DCH={model: resnet18, weights: a.pt}")
+    assert "teachers.seg_deeplab.task: task 'DCH' is not in query.tasks" in load("query.tasks=[PHB, CTB]")
+    assert "teacher_subsets.x: unknown teacher 'nope'" in load("teacher_subsets={x: [seg_lraspp, nope]}")
+    assert "teachers.cls_resnet18.modle: unknown key (did you mean 'model'?)" in \
+        load("teachers.cls_resnet18.modle=resnet18")
+    assert "teachers.cls_resnet18.input" in load("teachers.cls_resnet18.input=imagenette")
+    # a subset of teachers without a task needs query.tasks
+    assert "query.tasks: required" in load("query.tasks=null", "teacher_subsets={r: [cls_resnet18]}")
+    # zoo teachers and own teachers in one subset; the query set defaults to their tasks
+    mixed = load_sweep(SWEEP, [f"output={tmp_path}", "query.tasks=null", "teacher_subsets={m: [seg_lraspp, CTB]}"],
+                       profile="smoke")
+    assert mixed.query_tasks(mixed.subset("m")) == ["PHB", "CTB"]
+
+
+@pytest.mark.slow
+def test_the_bring_your_own_smoke_sweep_distils_every_teacher(tmp_path, ray_local) -> None:
+    """sweeps/bring_your_own.yaml --profile smoke, as the README runs it: random-weight state dicts
+    written first, then the sweep on the session's Ray. The MIKE trial trained against all three
+    teachers (each has train and val loss terms) and its downstream scores were logged."""
+    import mlflow
+
+    py = [sys.executable, "-m"]
+    env = dict(_env(), RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, RAY_AUTH_MODE="token")
+    subprocess.run(py + ["mike_ray.random_teachers", str(SWEEP), "--profile", "smoke"], cwd=tmp_path, env=env,
+                   check=True, capture_output=True, timeout=300)
+    run = subprocess.run(py + ["mike_ray.sweep", str(SWEEP), "--profile", "smoke"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "FAILED" not in run.stdout, run.stdout[-3000:]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("mike_ray-smoke")
+    runs = client.search_runs([exp.experiment_id], "tags.`mike_ray.method` = 'mike' and tags.`mike_ray.stage` = 'trial'")
+    assert len(runs) == 1
+    m, params = runs[0].data.metrics, runs[0].data.params
+    assert params["teachers"] == "seg_lraspp,seg_deeplab,cls_resnet18" and params["query_tasks"] == "PHB,DCH,CTB"
+    for name in ("seg_lraspp", "seg_deeplab", "cls_resnet18"):
+        train = [v for k, v in m.items() if k.startswith(f"loss/teacher/{name}/")]
+        val = [v for k, v in m.items() if k.startswith(f"loss/val/teacher/{name}/")]
+        assert train and val and all(v > 0 for v in train + val), (name, sorted(m))
+    assert "iou/val/DCH" in m and "iou/test/CTB" in m
+    trial = json.loads(next((tmp_path / "outputs" / "sweeps" / "byo-smoke" / "trials").glob("*.json")).read_text())
+    assert trial["status"] == "finished"
