@@ -228,11 +228,25 @@ def test_build_model_errors_are_one_line_and_name_the_model(spec, expected):
     assert "\n" not in msg
 
 
-def test_available_archs_lists_ours_and_torchvision_classifiers():
+def test_available_archs_lists_ours_and_torchvision_models():
     archs = available_archs()
     assert archs[:2] == ["segmenter", "autoencoder"]
     assert {"resnet18", "mobilenet_v3_small", "efficientnet_b0"} <= set(archs)
-    assert "fcn_resnet50" not in archs  # segmentation/detection models are not classifiers
+    # segmentation and detection models too (teachers: entries), built without any download
+    assert {"fcn_resnet50", "lraspp_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_fpn"} <= set(archs)
+
+
+def test_torchvision_segmentation_and_detection_models_build_without_pretrained_backbones():
+    """torchvision would load an ImageNet backbone by default (a download): never here."""
+    seg = build_model({"arch": "lraspp_mobilenet_v3_large", "num_classes": 4, "seed": 0})
+    again = build_model({"arch": "lraspp_mobilenet_v3_large", "num_classes": 4, "seed": 0})
+    other = build_model({"arch": "lraspp_mobilenet_v3_large", "num_classes": 4, "seed": 1})
+    w = "backbone.0.0.weight"
+    assert torch.equal(seg.state_dict()[w], again.state_dict()[w])  # seeded random init, not fixed weights
+    assert not torch.equal(seg.state_dict()[w], other.state_dict()[w])
+    det = build_model({"arch": "fasterrcnn_mobilenet_v3_large_fpn", "num_classes": 3,
+                       "kwargs": {"min_size": 64, "max_size": 64}})
+    assert isinstance(det, torch.nn.Module)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -296,3 +296,23 @@ def test_the_bring_your_own_smoke_sweep_distils_every_teacher(tmp_path, ray_loca
     assert "iou/val/DCH" in m and "iou/test/CTB" in m
     trial = json.loads(next((tmp_path / "outputs" / "sweeps" / "byo-smoke" / "trials").glob("*.json")).read_text())
     assert trial["status"] == "finished"
+
+
+def test_a_detection_model_teaches_through_its_backbone(tmp_path) -> None:
+    """A torchvision detector (its transform normalises and resizes internally: ``input: none``) tapped
+    in its backbone: the forward stops after the deepest weighted tap (hooks: the detector's control
+    flow defeats fx), and the shard returns a finite, nonzero ∂loss/∂x̄ for every row."""
+    from mike_ray.mike.shard import MikeShard, TeacherRef
+
+    spec = {"arch": "fasterrcnn_mobilenet_v3_large_fpn", "num_classes": 3, "kwargs": {"min_size": 64, "max_size": 64}}
+    torch.save(build_model({**spec, "seed": 0}).state_dict(), tmp_path / "det.pt")
+    entry = TeacherEntry(model=spec, weights=str(tmp_path / "det.pt"), taps="backbone.body.*")
+    (info,) = check_teachers({"det": entry})
+    assert info.taps[0] == "backbone.body.0" and len(info.taps) > 5
+    shard = MikeShard([TeacherRef("det", entry.weights, entry=entry.model_dump(mode="json"))], device="cpu")
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 64, 64, generator=g)
+    out = shard.step(x, (x + 0.05 * torch.randn(x.shape, generator=g)).clamp(0, 1), torch.zeros(3, dtype=torch.long),
+                     {"det": {"backbone.body.2": 1.0, "backbone.body.4": 1.0}})
+    assert out.counts == {"det": 3} and out.loss > 0
+    assert torch.isfinite(out.grad).all() and all(float(out.grad[i].abs().max()) > 0 for i in range(3))
