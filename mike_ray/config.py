@@ -338,6 +338,16 @@ class SweepConfig(StrictModel):
 
     def _check_query(self, subset: str) -> None:
         teachers = self.subset(subset)
+        if not self.query.labelled():  # a folder or COCO query set: rows without a task
+            if self.transfer.masking:
+                for t in teachers:
+                    task = self.teachers[t].task if t in self.teachers else t
+                    if task is not None:
+                        where = f"teachers.{t}.task" if t in self.teachers else f"teacher_subsets.{subset}"
+                        raise ValueError(f"{where}: teacher '{t}' is masked to task '{task}', but a "
+                                         f"{self.query.source} query set carries no task labels, so it would "
+                                         f"never score a row: leave its task out or set transfer.masking: false")
+            return
         query = self.query_tasks(teachers)
         if not query:
             raise ValueError(f"query.tasks: required: no teacher of subset '{subset}' has a task to draw the "

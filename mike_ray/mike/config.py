@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from mike_ray.config_base import StrictModel
+from mike_ray.data.query import QueryConfig
 from mike_ray.data.tasks import TASK_CODES, TASKS
 from mike_ray.mike.schedules import ScheduleConfig
 from mike_ray.zoo import TeacherPlacement
@@ -201,34 +202,12 @@ class TeacherEntry(StrictModel):
         return v
 
 
-class QueryConfig(StrictModel):
-    """The query set: the images the student reconstructs and the teachers score.
-
-    ``tasks``: prepared tasks whose train crops (and val crops, for validation) form the query set,
-    independent of the teachers and of the downstream tasks; none: the trial's teachers' own tasks
-    (the paper's §4.1 setting). Each query row carries its task label, so ``transfer.masking`` lets a
-    teacher with a ``task`` score only that task's rows; a teacher without one scores every row.
-    """
-
-    tasks: list[str] | None = None
-
-    @field_validator("tasks")
-    @classmethod
-    def _known(cls, v: list[str] | None) -> list[str] | None:
-        if v is None:
-            return v
-        bad = [t for t in v if t not in TASKS]
-        if bad or not v:
-            raise ValueError(f"unknown task {bad[0]!r} (known: {', '.join(TASK_CODES)})" if bad
-                             else "at least one task is required (or leave it out)")
-        if len(set(v)) != len(v):
-            raise ValueError("tasks repeat")
-        return v
-
-
 def query_tasks(query: QueryConfig, entries: dict[str, TeacherEntry], teachers: list[str]) -> list[str]:
-    """The query set of a trial with these teachers: ``query.tasks``, or the teachers' own tasks (a
-    zoo teacher's is its name, an entry's its ``task``; entries without one add none)."""
+    """The query tasks of a trial with these teachers: ``query.tasks``, or the teachers' own tasks (a
+    zoo teacher's is its name, an entry's its ``task``; entries without one add none); none for a
+    folder or COCO query set (its rows carry no task)."""
+    if query.source != "tasks":
+        return []
     if query.tasks:
         return list(query.tasks)
     own = [entries[t].task if t in entries else t for t in teachers]

@@ -207,13 +207,14 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     ``config`` keys: ``transfer`` (a :class:`TransferConfig` dict), ``shards`` (a MikeShardPool with
     Ray actor handles, or None for the pixel method), ``taps`` (teacher → tap paths), ``data_root``
     and ``query_tasks`` (the prepared dataset and the tasks whose train/val splits are the query
-    data). Each worker reads the query rows itself and visits them in a fresh seeded global
+    data, or a prepared folder/COCO query set and no tasks). Each worker reads the query rows itself and visits them in a fresh seeded global
     shuffle every epoch (:class:`~mike_ray.data.loaders.QueryBatches`), so batches mix the tasks.
     """
     import ray.train
     import ray.train.torch
 
-    from mike_ray.data.loaders import QueryBatches, ShardDataset
+    from mike_ray.data.loaders import QueryBatches
+    from mike_ray.data.query import open_query
     from mike_ray.mike.loss import pixel_loss
     from mike_ray.models import build_model
 
@@ -236,9 +237,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     # --- query data: mixed-task batches, a new seeded global order every epoch ----------------
     root, tasks = config["data_root"], list(config["query_tasks"])
-    train_q = QueryBatches(ShardDataset(root, "train", tasks, memory=cfg.query_memory), cfg.batch_size, cfg.seed,
+    train_q = QueryBatches(open_query(root, "train", tasks, memory=cfg.query_memory), cfg.batch_size, cfg.seed,
                            rank, world)
-    val_q = QueryBatches(ShardDataset(root, "val", tasks, memory=cfg.query_memory), cfg.batch_size, cfg.seed,
+    val_q = QueryBatches(open_query(root, "val", tasks, memory=cfg.query_memory), cfg.batch_size, cfg.seed,
                          rank, world)
     total_steps = cfg.epochs * len(train_q)
 

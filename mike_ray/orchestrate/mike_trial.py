@@ -27,6 +27,7 @@ class MikeSettings(StrictModel):
     downstream: DownstreamConfig
     teachers: dict[str, TeacherEntry] = {}  # the sweep's own teachers, beside the zoo's
     query: QueryConfig = QueryConfig()
+    query_root: str | None = None  # a prepared folder/COCO query set (query.source folder/coco)
 
     def query_tasks(self, teachers: list[str]) -> list[str]:
         """The trial's query tasks (:func:`mike_ray.mike.config.query_tasks`)."""
@@ -73,8 +74,9 @@ def mike_trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
     params = dict(config)
     method, tcfg, subset, teachers = trial_settings(ctx, params)
     zoo = read_zoo(ctx.zoo_dir)
-    # the query data: query.tasks, or the teachers' own tasks (paper §4.1)
+    # the query data: query.tasks, or the teachers' own tasks (paper §4.1), or a folder/COCO query set
     query = ctx.settings.query_tasks(teachers)
+    query_root = Path(ctx.settings.query_root) if ctx.settings.query_root else ctx.data_root
     trial = begin_trial(ctx, params, family="mike", method=method, subset=subset, teachers=teachers,
                         seed=tcfg.seed, report=final_metrics, model=tcfg.model)
     if trial is None:  # finished before the driver died: its stored result was re-reported
@@ -96,11 +98,11 @@ def mike_trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
                 refs = teacher_refs(ctx.zoo_dir, teachers, ctx.import_archs, ctx.settings.teachers)
                 auto = ctx.placement.teachers_per_shard == "auto"
                 shards = MikeShardPool(refs, ctx.placement, placement_group=ray.util.get_current_placement_group(),
-                                    first_bundle=1, shares=query_shares(ctx.data_root, query) if auto else None,
+                                    first_bundle=1, shares=query_shares(ctx.data_root, query) if auto and query else None,
                                     concurrency=ctx.workers.num_workers)
                 run.params({"shards": shards.plan.replace("\n", " | ")})
             try:
-                res = run_transfer(tcfg, [], ctx.data_root, query, ctx.placement, ctx.workers,
+                res = run_transfer(tcfg, [], query_root, query, ctx.placement, ctx.workers,
                                    ctx.sweep_dir / "runs", trial_id, shards=shards)
             finally:
                 if shards is not None:
@@ -122,7 +124,7 @@ def mike_trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
                   "transfer_seconds": sum(h.get("time/epoch_seconds", 0.0) for h in res.history) if res else 0.0,
                   "downstream_seconds": max((d.get("seconds", 0.0) for d in down.values()), default=0.0),
                   "trial_seconds": time.perf_counter() - t_start}
-        _trial_artifacts(run, ctx, record, res, tcfg, query)
+        _trial_artifacts(run, ctx, record, res, tcfg, query_root, query)
         trial.finish(record, final_metrics(record))
 
 
@@ -146,14 +148,14 @@ def final_metrics(record: dict[str, Any]) -> dict[str, float]:
 
 
 def _trial_artifacts(run: RunLogger, ctx: TrialContext, record: dict, res, tcfg: TransferConfig,
-                     query: list[str]) -> None:
+                     query_root: Path, query: list[str]) -> None:
     """Radar chart on the test split (vs the matched pixel baseline when known), layerwise loss,
     reconstruction grid."""
     import tempfile
 
     import torch
 
-    from mike_ray.data.loaders import ShardDataset
+    from mike_ray.data.query import open_query
     from mike_ray.models import build_model
     from mike_ray.report.plots import layerwise_loss, radar_chart, recon_grid
 
@@ -171,7 +173,7 @@ def _trial_artifacts(run: RunLogger, ctx: TrialContext, record: dict, res, tcfg:
             model = build_model(tcfg.model, imports="any")
             model.load_state_dict(res.state)
             model.eval()
-            val = ShardDataset(ctx.data_root, "val", query, limit=8)
+            val = open_query(query_root, "val", query, limit=8)
             x = val.__getitems__(list(range(len(val))))["image"]
             with torch.no_grad():
                 xbar = model(x)
@@ -223,13 +225,18 @@ class MikeFamily:
     trial_fn = staticmethod(mike_trial_fn)
 
     def stages(self, cfg: SweepConfig, out: Path, tracking: Tracking, parent_id: str) -> tuple[Path, Path]:
-        from mike_ray.orchestrate.stages import ensure_data, ensure_zoo
+        from mike_ray.orchestrate.stages import ensure_data, ensure_query, ensure_zoo
 
         data_root = ensure_data(cfg.data, out)
+        ensure_query(cfg.query, cfg.data.prepare.image_size, out)  # a folder/COCO query set, if any
         return data_root, ensure_zoo(cfg.zoo, data_root, out, tracking, parent_id)
 
     def settings(self, cfg: SweepConfig, data_root: Path | None) -> MikeSettings:
-        return MikeSettings(transfer=cfg.transfer, downstream=cfg.downstream, teachers=cfg.teachers, query=cfg.query)
+        from mike_ray.orchestrate.stages import ensure_query
+
+        query_root = ensure_query(cfg.query, cfg.data.prepare.image_size, cfg.output_dir())
+        return MikeSettings(transfer=cfg.transfer, downstream=cfg.downstream, teachers=cfg.teachers, query=cfg.query,
+                            query_root=str(query_root) if query_root else None)
 
     def extra_studies(self, cfg: SweepConfig, seeds: Any) -> list[tuple[str, list[str], dict[str, Any]]]:
         """Pixel baselines per searched subset × seed × model setting (matched to the MIKE trials of

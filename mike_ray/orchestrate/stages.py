@@ -2,14 +2,17 @@
 
     <output>/data/generated/<key>/     the embedded COCO-format default (annotations + images)
     <output>/data/prepared/<key>/      Parquet shards + manifest
+    <output>/query/<key>/              a folder or COCO query set (MIKE, query.source folder/coco)
     <output>/zoo/<key>/                teacher weights + manifests (MIKE: segmenters)
     <output>/classifier_zoo/<key>/     teacher weights + manifests (MHGD: classifiers)
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from mike_ray.config import ClassificationSource, DataConfig
+from mike_ray.data.query import QueryConfig, prepare_query
 from mike_ray.data.shards import prepare_dataset
 from mike_ray.tracking import Tracking
 from mike_ray.mike.zoo import ZooConfig, build_zoo
@@ -53,6 +56,20 @@ def ensure_data(cfg: DataConfig, out: Path) -> Path:
     coco_root = ensure_coco_root(cfg, out)
     return prepare_dataset(cfg.prepare, coco_root, out / "data" / "prepared", splits=cfg.splits,
                            progress=_bar("prepare task crops", "img"))
+
+
+_QUERY_ROOTS: dict[str, Path] = {}  # this process's prepared query sets, by config: listed once
+
+
+def ensure_query(cfg: QueryConfig, image_size: int, out: Path) -> Path | None:
+    """The prepared folder/COCO query set of ``cfg`` (built once, re-used by key); None for the
+    ``tasks`` source, whose query rows are the prepared dataset's own crops."""
+    if cfg.source == "tasks":
+        return None
+    key = json.dumps([cfg.model_dump(mode="json"), image_size, str(out)], sort_keys=True)
+    if key not in _QUERY_ROOTS:
+        _QUERY_ROOTS[key] = prepare_query(cfg, image_size, out)
+    return _QUERY_ROOTS[key]
 
 
 def ensure_zoo(cfg: ZooConfig, data_root: Path, out: Path, tracking: Tracking | None = None,

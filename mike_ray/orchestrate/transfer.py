@@ -71,21 +71,25 @@ def run_transfer(cfg: TransferConfig, teachers: Sequence[TeacherRef], data_root:
 
     Args:
         cfg: the student's training config. teachers: the shards' teachers (unused for "pixel").
-        data_root: a prepared dataset. query_tasks: tasks whose train split is the query data (and
-            whose val split is validated every epoch); each trainer worker reads them itself.
+        data_root: a prepared dataset, or a prepared folder/COCO query set (:mod:`mike_ray.data.query`).
+            query_tasks: tasks whose train split is the query data (and whose val split is validated
+            every epoch), none for a query set; each trainer worker reads them itself.
         placement/workers: where teachers and trainer workers run.
         storage_path/name: Ray Train's run directory (checkpoints; a rerun with the same name resumes).
         shards: an existing MikeShardPool (a trial places it in its placement group; tests kill one).
     """
-    from mike_ray.data.loaders import count_rows
+    from mike_ray.data.query import count_query_rows
 
     for split in ("train", "val"):  # an empty query split is a one-line error before any worker starts
-        if count_rows(data_root, split, query_tasks) < workers.num_workers:
-            raise ConfigError(f"query data: {data_root}: {count_rows(data_root, split, query_tasks)} {split} "
-                              f"rows for tasks {', '.join(query_tasks)} ({workers.num_workers} trainer worker(s))")
+        n = count_query_rows(data_root, split, list(query_tasks))
+        if n < workers.num_workers:
+            raise ConfigError(f"query data: {data_root}: {n} {split} rows" +
+                              (f" for tasks {', '.join(query_tasks)}" if query_tasks else "") +
+                              f" ({workers.num_workers} trainer worker(s))")
     own_shards = shards is None and cfg.method == "mike"
     if own_shards:
-        shares = query_shares(data_root, query_tasks) if placement.teachers_per_shard == "auto" else None
+        shares = query_shares(data_root, query_tasks) if placement.teachers_per_shard == "auto" and query_tasks \
+            else None
         shards = MikeShardPool(teachers, placement, shares=shares, concurrency=workers.num_workers)
     try:
         taps = shards.taps() if shards is not None else {}
