@@ -316,3 +316,38 @@ def test_a_detection_model_teaches_through_its_backbone(tmp_path) -> None:
                      {"det": {"backbone.body.2": 1.0, "backbone.body.4": 1.0}})
     assert out.counts == {"det": 3} and out.loss > 0
     assert torch.isfinite(out.grad).all() and all(float(out.grad[i].abs().max()) > 0 for i in range(3))
+
+
+def test_own_teachers_of_one_architecture_run_as_one_grouped_forward_exactly(tmp_path) -> None:
+    """Two resnet18 entries (different weights, same input mapping): the shard stacks them and runs
+    them as one vmapped forward, through the resize and normalisation, with the values of running
+    them one at a time (float64)."""
+    from mike_ray.mike.shard import MikeShard, TeacherRef
+
+    spec = {"arch": "resnet18", "num_classes": 5}
+    refs = []
+    for i in range(2):
+        torch.save(_random_state(spec, 10 + i), tmp_path / f"r{i}.pt")
+        e = TeacherEntry(model=spec, weights=str(tmp_path / f"r{i}.pt"), taps=["layer1", "layer2"],
+                         input={"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "size": 48}, task="PHB")
+        refs.append(TeacherRef(f"r{i}", e.weights, task_id=TASK_CODES.index("PHB"), entry=e.model_dump(mode="json")))
+    grouped = MikeShard(refs, device="cpu", threads=None, dtype=torch.float64, group_rows=4)
+    single = MikeShard(refs, device="cpu", threads=None, dtype=torch.float64, group_rows=0)
+    assert len({id(s) for s, _ in grouped._stacks.values()}) == 1  # one stack of both
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(6, 3, 64, 64, generator=g, dtype=torch.float64)
+    xbar = (x + 0.1 * torch.randn(x.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+    tasks = torch.tensor([TASK_CODES.index(t) for t in ["PHB", "DCH", "PHB", "CTB", "DCH", "CTB"]])
+    w = {n: {"layer1": 1.0, "layer2": 0.5} for n in ("r0", "r1")}
+    calls = []
+    stack = next(iter(grouped._stacks.values()))[0]
+    original = stack.forward
+    stack.forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+    a = grouped.step(x, xbar, tasks, w)
+    b = single.step(x, xbar, tasks, w)
+    assert len(calls) == 2  # x and x̄, both teachers' two PHB rows at once
+    assert a.counts == b.counts == {"r0": 2, "r1": 2}
+    assert abs(a.loss - b.loss) <= 1e-12 * abs(b.loss) and a.loss > 0
+    assert float((a.grad - b.grad).abs().max()) <= 1e-12 * float(b.grad.abs().max())
+    assert a.terms.keys() == b.terms.keys() and all(abs(a.terms[k] - b.terms[k]) <= 1e-12 * abs(b.terms[k])
+                                                    for k in a.terms)

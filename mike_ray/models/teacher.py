@@ -103,7 +103,9 @@ class TeacherNet(nn.Module):
         self.paths = paths + ([OUTPUT_TAP] if wants_output else [])
         inner = _Wrapped(model, input_map or InputMap(), SelectOutput(output))
         internal = [_NET + p for p in paths] + ([OUTPUT_TAP] if wants_output else [])
-        self.tapped = TappedModel(inner, internal, name=name)
+        # no name inside: the printed structure is what stacks teachers (models/stacked.signature),
+        # and two teachers of one architecture differ in name only
+        self.tapped = TappedModel(inner, internal)
         self._internal = dict(zip(self.paths, internal))
         self.training = model.training
         self.name = name or type(model).__name__
@@ -120,4 +122,4 @@ class TeacherNet(nn.Module):
         return OrderedDict((p, out[self._internal[p]]) for p in self.paths if self._internal[p] in out)
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, paths={self.paths}"
+        return f"paths={self.paths}"
