@@ -184,6 +184,8 @@ class MlflowConfig(StrictModel):
 
     tracking_uri: str | None = None
     experiment: str = "mike_ray"
+    # CPU, GPU and memory of each trial's machine as system/... metrics (MLflow's monitor, every 10 s)
+    system_metrics: bool = False
 
     #: tracking-store schemes MLflow serves (a plain path is a local file store)
     SCHEMES: ClassVar[tuple[str, ...]] = ("file", "sqlite", "http", "https", "postgresql", "mysql", "mssql",

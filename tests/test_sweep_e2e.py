@@ -116,6 +116,28 @@ def _artifacts(client, run_id: str, path: str = "") -> set[str]:
     return out
 
 
+def _check_logged_encoder(client, run) -> None:
+    """The trial's encoder is an MLflow model of its run that loads by URI and runs on 3×64×64, with
+    the trial's final score linked to it."""
+    import mlflow
+    import mlflow.pytorch
+    import torch
+
+
+    models = client.search_logged_models([run.info.experiment_id],
+                                         filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert len(models) == 1 and models[0].name == "encoder", models
+    from mike_ray.tracking import fluent_uri
+
+    with fluent_uri(client._tracking_client.tracking_uri):
+        encoder = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
+    with torch.no_grad():
+        out = encoder(torch.rand(2, 3, 64, 64))
+    assert out.shape == (2, 3, 64, 64) and torch.isfinite(out).all()
+    linked = {m.key for m in models[0].metrics or []}
+    assert "score/mean_norm_iou" in linked, linked
+
+
 def test_mlflow_holds_the_parent_run_and_its_trials(smoke) -> None:
     cfg, summary, _ = smoke
     client = _client(summary)
@@ -128,11 +150,32 @@ def test_mlflow_holds_the_parent_run_and_its_trials(smoke) -> None:
     exp = parent.info.experiment_id
     children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{summary.parent_run_id}'")
     trials = [r for r in children if r.data.tags.get("mike_ray.stage") == "trial"]
-    teachers = [r for r in children if r.data.tags.get("mike_ray.stage") == "teacher"]
+    assert len(trials) == len(children)  # "select all and Compare" under the sweep: trials only
+    # the zoo's teachers: children of their own zoo run, which points back at the sweep
+    (zoo,) = client.search_runs([exp], f"tags.`mike_ray.stage` = 'zoo' and "
+                                       f"tags.`mike_ray.sweep_run` = '{summary.parent_run_id}'")
+    assert "mlflow.parentRunId" not in zoo.data.tags and zoo.info.status == "FINISHED"
+    teachers = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{zoo.info.run_id}'")
     assert len(teachers) == 3 and all("iou/val/mean" in r.data.metrics for r in teachers)
+    assert all(r.data.tags["mike_ray.stage"] == "teacher" for r in teachers)
     assert sorted(r.data.tags["mike_ray.method"] for r in trials) == ["control", "mike", "pixel"]
+    from mike_ray.data.shards import read_manifest
+
+    digest = read_manifest(summary.data_root).content_hash[:32]
+    for run in teachers:  # each teacher's training data is a dataset input of its run
+        assert {i.dataset.digest for i in run.inputs.dataset_inputs} == {digest}
     for run in trials:
         assert run.info.status == "FINISHED"
+        # a name that says what the trial is; its data as dataset inputs with the manifest digest
+        method = run.data.tags["mike_ray.method"]
+        assert run.info.run_name.startswith(method) and "seed " in run.info.run_name, run.info.run_name
+        contexts = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset
+                    for i in run.inputs.dataset_inputs}
+        expect = {"downstream/train", "downstream/test"} | ({"query/train", "query/validation"}
+                                                            if method != "control" else set())
+        assert set(contexts) == expect and all(d.digest == digest for d in contexts.values()), contexts
+        assert json.loads(contexts["downstream/train"].profile)["rows"] > 0
+        _check_logged_encoder(client, run)
         check_score_metrics(run.data.metrics, Path(summary.zoo_dir), cfg.downstream.tasks)
         if run.data.tags["mike_ray.method"] == "control":  # no transfer: downstream on the untrained encoder
             assert run.data.params["teacher_subset"] == "-" and "loss/train/total" not in run.data.metrics
@@ -226,7 +269,7 @@ def test_an_mlflow_server_serves_the_runs_over_rest(smoke) -> None:
                                      headers={"Content-Type": "application/json"})
         runs = json.loads(urllib.request.urlopen(req, timeout=10).read())["runs"]
         stages = sorted(next(t["value"] for t in r["data"]["tags"] if t["key"] == "mike_ray.stage") for r in runs)
-        assert stages == ["teacher"] * 3 + ["trial"] * 3   # mike, pixel, control
+        assert stages == ["trial"] * 3   # mike, pixel, control; the zoo's teachers have a parent of their own
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(10)

@@ -29,7 +29,7 @@ from mike_ray.config_base import StrictModel
 from mike_ray.data.tasks import TASK_CODES, TASKS
 from mike_ray.errors import DataError
 
-__all__ = ["IMAGE_SUFFIXES", "NO_TASK", "QueryConfig", "count_query_rows", "is_query_dataset", "load_query",
+__all__ = ["IMAGE_SUFFIXES", "NO_TASK", "QueryConfig", "count_query_rows", "describe_data", "is_query_dataset", "load_query",
            "open_query", "prepare_query", "query_rows"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -278,3 +278,22 @@ def count_query_rows(root: str | Path, split: str, tasks: list[str] | None = Non
     from mike_ray.data.loaders import count_rows
 
     return query_rows(root, split) if is_query_dataset(root) else count_rows(root, split, tasks)
+
+
+def describe_data(root: str | Path, split: str, tasks: list[str] | None = None) -> tuple[str, str, dict[str, Any]]:
+    """How an MLflow dataset input names what :func:`open_query` reads: ``(name, digest, profile)``.
+
+    A prepared task dataset: ``"crops:DCH+CTB/train"``, the manifest's content hash, rows per task and
+    class. A folder/COCO query set: ``"query:<source>/train"``, its key, its row count."""
+    from mike_ray.data.shards import read_manifest
+
+    if is_query_dataset(root):
+        man = _manifest(Path(root))
+        src = man["config"]["source"]
+        return (f"query:{src}/{split}", str(man["key"]),
+                {"rows": int(man["counts"].get(split, 0)), "image_size": man["image_size"], "source": man["config"]["root"]})
+    man = read_manifest(root)
+    chosen = list(tasks) if tasks else list(man.tasks)
+    counts = {t: dict(man.counts[split][t]) for t in chosen}
+    return (f"crops:{'+'.join(chosen)}/{split}", man.content_hash,
+            {"rows": sum(sum(c.values()) for c in counts.values()), "image_size": man.image_size, "counts": counts})

@@ -25,7 +25,7 @@ from mike_ray.mhgd.config import ClassifierTrainConfig, ClassifierZooConfig
 from mike_ray.data.classification import ClassificationData, load_splits
 from mike_ray.errors import DataError, one_line
 from mike_ray.models.registry import ModelSpec, build_model, load_weights, save_weights
-from mike_ray.tracking import Tracking
+from mike_ray.tracking import LazyParentRun, Tracking
 from mike_ray.utils import atomic_dir, config_key, resolve_device, write_json_atomic
 from mike_ray.zoo import is_complete, manifest_names, train_missing, write_manifest
 
@@ -121,14 +121,24 @@ def build_classifier_zoo(cfg: ClassifierZooConfig, data: ClassificationData, out
     if is_complete(zoo_dir):
         return zoo_dir
 
+    # teacher runs under a parent of their own (not the sweep's, whose children are its trials)
+    zoo_run = LazyParentRun(tracking, f"classifier_zoo-{zoo_dir.name}",
+                            {"mike_ray.stage": "zoo", "mike_ray.zoo": zoo_dir.name,
+                             **({"mike_ray.sweep_run": parent_run_id} if parent_run_id else {})})
+
     def done(name: str, rec: dict[str, Any]) -> str:
         if tracking is not None:
-            _log_classifier(tracking, zoo_dir / name, rec, parent_run_id)
+            _log_classifier(tracking, zoo_dir / name, rec, zoo_run.id())
         return f"{name} acc {rec['best_acc']:.3f}"
 
-    train_missing(zoo_dir, list(cfg.teachers), train_classifier, lambda n: (n, cfg.teachers[n], data, cfg, zoo_dir),
-                  cpus=cfg.cpus_per_teacher, gpus=cfg.gpus_per_teacher, desc="classifier teachers", on_done=done,
-                  progress=progress)
+    status = "FAILED"
+    try:
+        train_missing(zoo_dir, list(cfg.teachers), train_classifier,
+                      lambda n: (n, cfg.teachers[n], data, cfg, zoo_dir), cpus=cfg.cpus_per_teacher,
+                      gpus=cfg.gpus_per_teacher, desc="classifier teachers", on_done=done, progress=progress)
+        status = "FINISHED"
+    finally:
+        zoo_run.close(status)
     records = {n: read_classifier(zoo_dir / n) for n in cfg.teachers}
     write_manifest(zoo_dir, {
         "format": CLASSIFIER_ZOO_FORMAT, "config": cfg.model_dump(mode="json"), "data": data.model_dump(mode="json"),

@@ -28,7 +28,7 @@ import torch
 from mike_ray.data.tasks import TASK_CODES, TASKS
 from mike_ray.errors import DataError, ModelError, one_line
 from mike_ray.metrics import IoUMeter, prevalence_iou
-from mike_ray.tracking import Tracking
+from mike_ray.tracking import LazyParentRun, Tracking
 from mike_ray.utils import atomic_dir, config_key, limit_threads, resolve_device, seed_everything, write_json_atomic
 from mike_ray.mike.config import ZooConfig
 from mike_ray.zoo import PLACEMENT_FIELDS, is_complete, manifest_names, train_missing, write_manifest
@@ -288,14 +288,24 @@ def build_zoo(cfg: ZooConfig, data_root: Path, out_root: Path, tracking: Trackin
     if is_complete(zoo_dir):
         return zoo_dir
 
+    # teacher runs under a parent of their own (not the sweep's, whose children are its trials)
+    zoo_run = LazyParentRun(tracking, f"zoo-{zoo_dir.name}", {"mike_ray.stage": "zoo", "mike_ray.zoo": zoo_dir.name,
+                                                             **({"mike_ray.sweep_run": parent_run_id}
+                                                                if parent_run_id else {})})
+
     def done(task: str, rec: TeacherRecord) -> str:
         if tracking is not None:
-            _log_teacher(tracking, rec, parent_run_id)
+            _log_teacher(tracking, rec, zoo_run.id(), Path(data_root))
         return f"{task} mIoU {rec.val_miou:.3f}"
 
-    train_missing(zoo_dir, list(cfg.tasks), train_teacher, lambda t: (t, Path(data_root), cfg, zoo_dir),
-                  cpus=cfg.cpus_per_teacher, gpus=cfg.gpus_per_teacher, desc="teacher zoo", on_done=done,
-                  progress=progress)
+    status = "FAILED"
+    try:
+        train_missing(zoo_dir, list(cfg.tasks), train_teacher, lambda t: (t, Path(data_root), cfg, zoo_dir),
+                      cpus=cfg.cpus_per_teacher, gpus=cfg.gpus_per_teacher, desc="teacher zoo", on_done=done,
+                      progress=progress)
+        status = "FINISHED"
+    finally:
+        zoo_run.close(status)
     records = [read_teacher(zoo_dir / t) for t in cfg.tasks]
     write_manifest(zoo_dir, {
         "format": ZOO_FORMAT, "config": cfg.model_dump(), "data_root": str(data_root),
@@ -310,12 +320,16 @@ def read_zoo(zoo_dir: Path) -> dict[str, TeacherRecord]:
     return {n: read_teacher(Path(zoo_dir) / n) for n in manifest_names(zoo_dir, "teacher zoo")}
 
 
-def _log_teacher(tracking: Tracking, rec: TeacherRecord, parent_run_id: str | None) -> None:
+def _log_teacher(tracking: Tracking, rec: TeacherRecord, parent_run_id: str | None, data_root: Path) -> None:
+    from mike_ray.data.query import describe_data
     from mike_ray.tracking import start_run
 
     with start_run(tracking, f"teacher-{rec.name}", parent_run_id,
                    tags={"mike_ray.stage": "teacher", "mike_ray.task": rec.task}) as run:
         run.params({"task": rec.task, "model": rec.model, "taps": ",".join(rec.taps), "data_hash": rec.data_hash})
+        for split, context in (("train", "train"), ("val", "validation"), ("test", "test")):
+            name, digest, profile = describe_data(data_root, split, [rec.task])
+            run.dataset(name, str(data_root), digest, profile, context)
         for h in rec.history:
             run.metrics({k: v for k, v in h.items() if k != "epoch"}, step=int(h["epoch"]))
         final = {f"iou/{split}/{c.replace(' ', '_')}": v

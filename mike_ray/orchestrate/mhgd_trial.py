@@ -14,8 +14,9 @@ from mike_ray.config import SweepConfig
 from mike_ray.config_base import StrictModel
 from mike_ray.data.sources import ClassificationData
 from mike_ray.mhgd.config import MHGDConfig
-from mike_ray.orchestrate.records import TrialContext, begin_trial, shown_params
-from mike_ray.tracking import RunLogger, Tracking
+from mike_ray.orchestrate.records import TrialContext, begin_trial, log_data, log_trained_model, shown_params
+from mike_ray.tracking import RunLogger, Tracking, system_metrics
+from mike_ray.utils import config_key
 
 #: the searched dimensions a trial's params may set on its MHGDConfig
 SEARCHED = ("method", "lr", "num_heads", "phase1_epochs")
@@ -61,7 +62,13 @@ def mhgd_trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
     run.params({"trial": shown_params(params), "mhgd": run_cfg.model_dump(mode="json"),
                 "teachers": ",".join(teachers) if uses_teachers else "", "teacher_subset": subset,
                 "classification": data.model_dump(mode="json")})
-    with trial.failing():
+    with trial.failing(), system_metrics(run, ctx.system_metrics):
+        if data.source == "crops":  # the classification data as an MLflow dataset input
+            log_data(run, data.root, "train", data.tasks, "classification/train")
+            log_data(run, data.root, "val", data.tasks, "classification/validation")
+        else:
+            run.dataset(f"{data.source}:{data.root}", data.root, config_key(data.model_dump(mode="json")),
+                        {"limit_train": data.limit_train, "limit_val": data.limit_val}, "classification")
         # --- the student's run: shards in this trial's placement group, the worker in Train's own -------
         refs = classifier_refs(ctx.zoo_dir, teachers, ctx.import_archs)
         shards = None
@@ -86,7 +93,9 @@ def mhgd_trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
                   "train_seconds": sum(h.get("time/epoch_s", 0.0) for h in res.history),
                   "trial_seconds": time.perf_counter() - t_start}
         _artifacts(run, record, res.history)
-        trial.finish(record, final_metrics(record))
+        model_id = log_trained_model(run, run_cfg.student, res.state,
+                                     data.image_size or (32 if data.source == "cifar100" else 64), "student")
+        trial.finish(record, final_metrics(record), model_id)
 
 
 def final_metrics(record: dict[str, Any]) -> dict[str, float]:

@@ -15,8 +15,9 @@ from typing import Any
 
 from mike_ray.config import SearchConfig, SweepConfig
 from mike_ray.mike.config import DownstreamConfig, QueryConfig, TeacherEntry, TransferConfig, query_tasks
-from mike_ray.orchestrate.records import TrialContext, begin_trial, load_records, shown_params
-from mike_ray.tracking import RunLogger, Tracking
+from mike_ray.orchestrate.records import (TrialContext, begin_trial, load_records, log_data, log_trained_model,
+                                          shown_params)
+from mike_ray.tracking import RunLogger, Tracking, system_metrics
 from mike_ray.config_base import StrictModel
 
 
@@ -62,6 +63,7 @@ def mike_trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
     """One Tune trial: shards → TorchTrainer.fit → downstream evaluation → report the objective."""
     import ray
 
+    from mike_ray.data.shards import read_manifest
     from mike_ray.mike.downstream import evaluate_downstream, norm_iou_mean
     from mike_ray.mike.shard import MikeShardPool
     from mike_ray.mike.zoo import read_zoo
@@ -85,7 +87,13 @@ def mike_trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
     run.params({"trial": shown_params(params), "transfer": tcfg.model_dump(mode="json"),
                 "teachers": ",".join(teachers) or "-", "teacher_subset": subset, "query_tasks": ",".join(query) or "-",
                 "downstream": ctx.settings.downstream.model_dump(mode="json")})
-    with trial.failing():
+    with trial.failing(), system_metrics(run, ctx.system_metrics):
+        # --- what the trial reads, as MLflow dataset inputs (the UI's Dataset column) --------------
+        if method != "control":
+            log_data(run, query_root, "train", query, "query/train")
+            log_data(run, query_root, "val", query, "query/validation")
+        log_data(run, ctx.data_root, "train", ctx.settings.downstream.tasks, "downstream/train")
+        log_data(run, ctx.data_root, "test", ctx.settings.downstream.tasks, "downstream/test")
         res = None
         if method == "control":
             # --- control: no transfer at all; the encoder stays as initialised with this seed ---
@@ -125,7 +133,9 @@ def mike_trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
                   "downstream_seconds": max((d.get("seconds", 0.0) for d in down.values()), default=0.0),
                   "trial_seconds": time.perf_counter() - t_start}
         _trial_artifacts(run, ctx, record, res, tcfg, query_root, query)
-        trial.finish(record, final_metrics(record))
+        # --- the encoder as an MLflow model, its final metrics linked to it ------------------------
+        model_id = log_trained_model(run, tcfg.model, state, read_manifest(ctx.data_root).image_size, "encoder")
+        trial.finish(record, final_metrics(record), model_id)
 
 
 def _nanmean(values: list[float]) -> float:

@@ -37,6 +37,7 @@ class TrialContext:
         import_archs: import-path archs the sweep file names (the only ones stored records may use).
         data_root: the prepared dataset (None when the family needs none). zoo_dir: the teacher zoo.
         settings: the family's own slice of the sweep config (e.g. transfer + downstream for MIKE).
+        system_metrics: log the machine's CPU/GPU/memory on each trial run (``mlflow.system_metrics``).
     """
 
     sweep: str
@@ -51,6 +52,7 @@ class TrialContext:
     data_root: Path | None
     zoo_dir: Path
     settings: Any
+    system_metrics: bool = False  # mlflow.system_metrics: CPU/GPU/memory on every trial run
 
     def subset(self, params: Mapping[str, Any]) -> tuple[str, list[str]]:
         """The trial's teacher subset: (name, teacher names)."""
@@ -71,7 +73,15 @@ def shown_params(params: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if not k.startswith("__")}
 
 
-def trial_run(ctx: TrialContext, trial_id: str, tags: dict[str, str]) -> RunLogger:
+def trial_name(method: str, subset: str, params: Mapping[str, Any], seed: int) -> str:
+    """What a trial run is called in MLflow: method, teacher subset, searched values, seed
+    (``mike three schedule=uniform seed 1``; a control has no subset)."""
+    shown = " ".join(f"{k}={v}" for k, v in sorted(shown_params(params).items())
+                     if k not in ("method", "teacher_subset"))
+    return " ".join(p for p in (method, "" if subset == "-" else subset, shown, f"seed {seed}") if p)
+
+
+def trial_run(ctx: TrialContext, trial_id: str, tags: dict[str, str], name: str | None = None) -> RunLogger:
     """The trial's MLflow child run; a resumed trial re-opens its run instead of adding one."""
     import mlflow
 
@@ -82,7 +92,7 @@ def trial_run(ctx: TrialContext, trial_id: str, tags: dict[str, str]) -> RunLogg
     if found:
         client.update_run(found[0].info.run_id, status="RUNNING")
         return RunLogger(client, found[0].info.run_id)
-    run = client.create_run(exp, run_name=f"trial-{trial_id}", tags={
+    run = client.create_run(exp, run_name=name or f"trial-{trial_id}", tags={
         "mlflow.parentRunId": ctx.parent_id, "mike_ray.trial_id": trial_id, "mike_ray.sweep": ctx.sweep,
         "mike_ray.stage": "trial", **tags})
     return RunLogger(client, run.info.run_id)
@@ -109,9 +119,10 @@ class OpenTrial:
             fail_trial(self.run, self.ctx.sweep_dir, self.base, err)
             raise
 
-    def finish(self, record: dict[str, Any], final: dict[str, float]) -> None:
-        """:func:`finish_trial` with this trial's run and record path."""
-        finish_trial(self.run, self.ctx.record_path(self.trial_id), record, final)
+    def finish(self, record: dict[str, Any], final: dict[str, float], model_id: str | None = None) -> None:
+        """:func:`finish_trial` with this trial's run and record path (``model_id``: the trial's
+        logged model, which its final metrics are linked to)."""
+        finish_trial(self.run, self.ctx.record_path(self.trial_id), record, final, model_id)
 
 
 def begin_trial(ctx: TrialContext, params: Mapping[str, Any], *, family: str, method: str, subset: str,
@@ -127,21 +138,46 @@ def begin_trial(ctx: TrialContext, params: Mapping[str, Any], *, family: str, me
         ray.tune.report(report(prev))
         return None
     run = trial_run(ctx, trial_id, {"mike_ray.teacher_subset": subset, "mike_ray.method": method,
-                                    "mike_ray.seed": str(seed)})
+                                    "mike_ray.seed": str(seed)}, trial_name(method, subset, params, seed))
     base = {"trial_id": trial_id, "family": family, "method": method, "subset": subset, "teachers": teachers,
             "params": shown_params(params), "seed": seed, **extra, "mlflow_run_id": run.run_id}
     return OpenTrial(ctx, run, base)
 
 
-def finish_trial(run: RunLogger, done: Path, record: dict[str, Any], final: dict[str, float]) -> None:
-    """A trial's last steps, in this order: final metrics, MLflow run FINISHED, the trial record
-    (its presence means "complete": a resumed sweep skips the trial), then the report to Tune."""
+def finish_trial(run: RunLogger, done: Path, record: dict[str, Any], final: dict[str, float],
+                 model_id: str | None = None) -> None:
+    """A trial's last steps, in this order: final metrics (linked to its logged model), MLflow run
+    FINISHED, the trial record (its presence means "complete": a resumed sweep skips the trial), then
+    the report to Tune."""
     import ray.tune
 
-    run.metrics({k: v for k, v in final.items() if not (isinstance(v, float) and math.isnan(v))})
+    run.metrics({k: v for k, v in final.items() if not (isinstance(v, float) and math.isnan(v))}, model_id=model_id)
     run.client.set_terminated(run.run_id, status="FINISHED")
     write_json_atomic(done, record)
     ray.tune.report(final)
+
+
+def log_data(run: RunLogger, root: str | Path, split: str, tasks: list[str] | None, context: str) -> None:
+    """The data a trial reads, as an MLflow dataset input (name, manifest digest, row counts)."""
+    from mike_ray.data.query import describe_data
+
+    name, digest, profile = describe_data(root, split, tasks)
+    run.dataset(name, str(root), digest, profile, context)
+
+
+def log_trained_model(run: RunLogger, spec: Mapping[str, Any], state: Mapping[str, Any], image_size: int,
+                      name: str) -> str:
+    """The trial's trained network (``spec`` + ``state``) as an MLflow model of its run, loadable with
+    ``mlflow.pytorch.load_model``; its input example is two 3×S×S images. Returns its model id."""
+    import numpy as np
+
+    from mike_ray.models import build_model
+
+    model = build_model(dict(spec), imports="any")  # the sweep's own spec
+    model.load_state_dict(dict(state))
+    model.eval()
+    example = np.random.default_rng(0).random((2, 3, image_size, image_size), dtype=np.float32)
+    return run.model(model, name, example)
 
 
 def fail_trial(run: RunLogger, sweep_dir: Path, base: dict[str, Any], err: BaseException) -> None:

@@ -84,7 +84,8 @@ def trial_context(cfg: SweepConfig, data_root: Path | None, zoo_dir: Path, track
         subsets={name: tuple(cfg.subset(name)) for name in cfg.teacher_subsets},
         placement=cfg.resources.placement, workers=cfg.resources.workers,
         import_archs=tuple(sorted(import_archs(cfg.model_dump(mode="json")))),
-        data_root=data_root, zoo_dir=zoo_dir, settings=(family or family_of(cfg)).settings(cfg, data_root))
+        data_root=data_root, zoo_dir=zoo_dir, settings=(family or family_of(cfg)).settings(cfg, data_root),
+        system_metrics=cfg.mlflow.system_metrics)
 
 
 # --- the Tuners ---------------------------------------------------------------------------------------
