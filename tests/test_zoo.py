@@ -123,7 +123,7 @@ def test_zoo_key_changed_with_the_test_split() -> None:
     assert zoo_key(cfg, "h") != config_key({"zoo": relevant, "data": "h", "format": 1})
 
 
-def test_teacher_run_logs_val_and_test_iou(tiny_zoo: Path, tmp_path: Path) -> None:
+def test_teacher_run_logs_val_and_test_iou(tiny_zoo: Path, tiny_prepared: Path, tmp_path: Path) -> None:
     import mlflow
 
     from mike_ray.mike.zoo import _log_teacher
@@ -131,13 +131,16 @@ def test_teacher_run_logs_val_and_test_iou(tiny_zoo: Path, tmp_path: Path) -> No
 
     tracking = Tracking.resolve(tmp_path, "zoo-test", uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     rec = read_teacher(tiny_zoo / "DCH")
-    _log_teacher(tracking, rec, None)
+    _log_teacher(tracking, rec, None, tiny_prepared)
     nan_rec = read_teacher(tiny_zoo / "DCH")
     nan_rec.name, nan_rec.test_miou = "nan", math.nan
-    _log_teacher(tracking, nan_rec, None)  # a NaN test IoU is left out, not an error
+    _log_teacher(tracking, nan_rec, None, tiny_prepared)  # a NaN test IoU is left out, not an error
     client = mlflow.MlflowClient(tracking.uri)
     runs = {r.info.run_name: r for r in client.search_runs([tracking.experiment_id()])}
     metrics = runs["teacher-DCH"].data.metrics
     assert metrics["iou/val/mean"] == pytest.approx(rec.val_miou)
     assert metrics["iou/test/mean"] == pytest.approx(rec.test_miou)
     assert "iou/test/mean" not in runs["teacher-nan"].data.metrics
+    # the teacher's data: its task's train, val and test crops, as dataset inputs
+    inputs = runs["teacher-DCH"].inputs.dataset_inputs
+    assert sorted(i.dataset.name for i in inputs) == ["crops:DCH/test", "crops:DCH/train", "crops:DCH/val"]
