@@ -96,6 +96,21 @@ def test_methods_sweep_runs_its_methods_and_logs_the_accuracy_table(sweeps) -> N
         assert {"acc/best", "acc/last", "acc/val"} <= set(k.data.metrics)
         assert {"trial.json", "plots/accuracy.png"} <= {a.path for a in client.list_artifacts(k.info.run_id)} | \
             {a.path for a in client.list_artifacts(k.info.run_id, "plots")}
+        # the student, as a logged model of the trial that loads by URI and classifies a batch
+        (student,) = client.search_logged_models([k.info.experiment_id],
+                                                 filter_string=f"source_run_id = '{k.info.run_id}'")
+        assert student.name == "student" and "acc/best" in {m.key for m in student.metrics or []}
+        assert {i.dataset.name.split(" ")[0] for i in k.inputs.dataset_inputs} == {"classification"}
+    import mlflow.pytorch
+    import torch
+
+    from mike_ray.tracking import fluent_uri
+
+    with fluent_uri(summary.tracking.uri):
+        net = mlflow.pytorch.load_model(f"models:/{student.model_id}")
+    with torch.no_grad():
+        out = net(torch.rand(3, 3, cfg.classification.image_size, cfg.classification.image_size))
+    assert out.shape == (3, 33)  # the crops' class space: 11 tasks × 3 classes, whichever are prepared
     # the parent run: the resolved config, the accuracy table (Markdown + JSON); every method is a row
     parent = client.get_run(summary.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.params["method"] == "mhgd"

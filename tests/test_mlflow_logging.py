@@ -52,7 +52,7 @@ def test_data_is_a_dataset_input_with_the_manifest_digest(tiny_prepared, trackin
     with start_run(tracking, "trial") as run:
         log_data(run, tiny_prepared, "train", ["DCH", "CTB"], "query/train")
     (inp,) = mlflow.MlflowClient(tracking.uri).get_run(run.run_id).inputs.dataset_inputs
-    assert inp.dataset.name == "crops:DCH+CTB/train" and inp.dataset.digest == man.content_hash[:32]
+    assert inp.dataset.name == "query crops:DCH+CTB/train" and inp.dataset.digest == man.content_hash[:32]
     profile = json.loads(inp.dataset.profile)
     assert profile["rows"] == man.rows("train", "DCH") + man.rows("train", "CTB") > 0
     assert profile["counts"]["DCH"] == man.counts["train"]["DCH"]

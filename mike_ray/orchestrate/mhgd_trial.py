@@ -93,7 +93,9 @@ def mhgd_trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
                   "train_seconds": sum(h.get("time/epoch_s", 0.0) for h in res.history),
                   "trial_seconds": time.perf_counter() - t_start}
         _artifacts(run, record, res.history)
-        model_id = log_trained_model(run, run_cfg.student, res.state,
+        # the student's class count is the data's, as the zoo's teachers recorded it
+        classes = next(iter(zoo.values()))["model"]["num_classes"]
+        model_id = log_trained_model(run, {**run_cfg.student.model_dump(), "num_classes": classes}, res.state,
                                      data.image_size or (32 if data.source == "cifar100" else 64), "student")
         trial.finish(record, final_metrics(record), model_id)
 

@@ -158,11 +158,13 @@ def finish_trial(run: RunLogger, done: Path, record: dict[str, Any], final: dict
 
 
 def log_data(run: RunLogger, root: str | Path, split: str, tasks: list[str] | None, context: str) -> None:
-    """The data a trial reads, as an MLflow dataset input (name, manifest digest, row counts)."""
+    """The data a trial reads, as an MLflow dataset input (name, manifest digest, row counts). The
+    name starts with its role (``query``, ``downstream``) — MLflow keeps one input per name and
+    digest, and the query and the downstream tasks may be the same crops."""
     from mike_ray.data.query import describe_data
 
     name, digest, profile = describe_data(root, split, tasks)
-    run.dataset(name, str(root), digest, profile, context)
+    run.dataset(f"{context.split('/')[0]} {name}", str(root), digest, profile, context)
 
 
 def log_trained_model(run: RunLogger, spec: Mapping[str, Any], state: Mapping[str, Any], image_size: int,
