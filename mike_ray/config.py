@@ -149,6 +149,23 @@ class SearchConfig(StrictModel):
         return v
 
 
+class SchedulerConfig(StrictModel):
+    """Early stopping of search trials that are clearly behind (Tune's ASHA, on per-epoch metrics).
+
+    Each trial reports ``metric`` after every epoch (MIKE: the transfer's ``loss/val/teacher``,
+    teacher loss on the val query split; MHGD: ``acc/val``); at epochs ``grace_period``,
+    ``grace_period·reduction_factor``, … a trial below the top ``1/reduction_factor`` of the trials
+    that reached that epoch is stopped. Its run is kept, marked ``stopped early``, without a score.
+    Baselines and controls are never stopped.
+    """
+
+    name: Literal["asha"] = "asha"
+    metric: str | None = None  # default: loss/val/teacher (MIKE, min) or acc/val (MHGD, max)
+    mode: Literal["min", "max"] | None = None
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)
+
+
 class StudyConfig(StrictModel):
     """The Optuna study run by Tune."""
 
@@ -167,6 +184,8 @@ class StudyConfig(StrictModel):
     # "optuna": Tune + OptunaSearch, ``trials`` samples; "grid": every combination of the search's
     # choice lists (× repeats), e.g. the paper's tables (every method, every head count)
     algorithm: Literal["optuna", "grid"] = "optuna"
+    # stop search trials that are clearly behind after a few epochs (none: every trial runs to the end)
+    scheduler: SchedulerConfig | None = None
 
 
 class ResourcesConfig(StrictModel):
@@ -277,6 +296,11 @@ class SweepConfig(StrictModel):
 
     @model_validator(mode="after")
     def _cross(self) -> "SweepConfig":
+        sched = self.study.scheduler
+        if sched is not None and (sched.metric is None or sched.mode is None):
+            metric, mode = ("loss/val/teacher", "min") if self.family == "mike" else ("acc/val", "max")
+            self.study.scheduler = sched.model_copy(update={"metric": sched.metric or metric,
+                                                            "mode": sched.mode or (mode if sched.metric is None else "min")})
         if self.family == "mhgd":
             self._check_mhgd()
             self._check_models()

@@ -24,18 +24,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="apply the sweep file's profiles.<NAME> diff (e.g. smoke)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. --set study.trials=2 (YAML value)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray Train's and Tune's own progress output (status tables, every report)")
     return p
 
 
-def init_ray(address: str | None, num_cpus: int | None) -> None:
+def init_ray(address: str | None, num_cpus: int | None, verbose: bool = False) -> None:
     """Connect to a cluster (``address`` or $RAY_ADDRESS, as under `ray job submit`) or start a
-    local instance whose dashboard listens on 127.0.0.1 only."""
+    local instance whose dashboard listens on 127.0.0.1 only. ``verbose``: Ray Train's and Tune's
+    own progress output is shown (every worker sees :data:`~mike_ray.utils.VERBOSE_ENV`)."""
     import ray
+
+    from mike_ray.utils import VERBOSE_ENV
 
     if ray.is_initialized():
         return
+    os.environ[VERBOSE_ENV] = "1" if verbose else "0"
     address = address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}}
+    env = {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0", VERBOSE_ENV: os.environ[VERBOSE_ENV]}}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
@@ -88,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mike_ray.orchestrate.driver import run_sweep
 
     t0 = time.perf_counter()
-    init_ray(cfg.resources.ray_address, cfg.resources.num_cpus)
+    init_ray(cfg.resources.ray_address, cfg.resources.num_cpus, verbose=args.verbose)
     summary = run_sweep(cfg, sweep_file=args.sweep, resume=args.resume)
     print(summary.report())
     print(f"done in {time.perf_counter() - t0:.0f}s")

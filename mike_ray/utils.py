@@ -90,3 +90,41 @@ def lazy_exports(package: str, exports: Mapping[str, str]) -> Callable[[str], An
             return getattr(importlib.import_module(f"{package}.{exports[name]}"), name)
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
     return __getattr__
+
+
+def progress_bar(total: int | None, desc: str, unit: str, **kwargs: Any) -> Any:
+    """A tqdm bar on stderr that stays readable in a log: on a terminal it redraws in place; when
+    stderr is a file or a pipe (a ``ray job`` log, CI) it writes a line at most every 30 s
+    (``mininterval``) and at the end, instead of one per item."""
+    import sys
+
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, mininterval=0.1 if tty else 30.0,
+                maxinterval=10.0 if tty else 60.0, **kwargs)
+
+
+VERBOSE_ENV = "MIKE_RAY_VERBOSE"
+"""Set to 1 by ``python -m mike_ray.sweep --verbose`` (and passed to every Ray worker): Ray Train's
+and Tune's own progress lines are shown; otherwise only their warnings and errors are."""
+
+
+def verbose() -> bool:
+    """Whether this run shows Ray's own progress output (:data:`VERBOSE_ENV`)."""
+    return os.environ.get(VERBOSE_ENV, "0") == "1"
+
+
+def quiet_train_reports() -> None:
+    """In a Ray Train worker: Ray logs every ``ray.train.report`` call with its whole metric dict
+    (hundreds of metrics per epoch) at INFO, under a logger named by its file path, which Ray Train's
+    ``LoggingConfig`` does not reach. Raise that logger to WARNING unless the run is ``--verbose``."""
+    if verbose():
+        return
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its lines stay
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)

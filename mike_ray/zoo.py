@@ -54,9 +54,9 @@ def train_missing(zoo_dir: Path, names: Sequence[str], train_fn: Callable[..., A
     pending = {remote.remote(*args_of(n)): n for n in todo}
     bar = None
     if progress and pending:
-        from tqdm import tqdm
+        from mike_ray.utils import progress_bar
 
-        bar = tqdm(total=len(pending), desc=desc, unit="teacher")
+        bar = progress_bar(len(pending), desc, "teacher")
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -68,7 +68,7 @@ def train_missing(zoo_dir: Path, names: Sequence[str], train_fn: Callable[..., A
                 raise (cause or ModelError(f"teacher '{name}': training failed: {one_line(str(err))[:300]}")) from None
             postfix = on_done(name, result)
             if bar is not None:
-                bar.set_postfix_str(postfix)
+                bar.set_postfix_str(postfix, refresh=False)
                 bar.update(1)
     finally:
         if bar is not None:

@@ -38,7 +38,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     from mike_ray.mhgd.train import run_method
 
     from mike_ray.models.registry import load_torch_file
+    from mike_ray.utils import quiet_train_reports
 
+    quiet_train_reports()
     # --- a finished run (restart or re-run): report its result again; an unfinished one: resume ------
     resume = None
     ckpt = ray.train.get_checkpoint()

@@ -24,7 +24,7 @@ from mike_ray.config_base import format_validation_error
 from mike_ray.errors import ModelError, TrainingError, one_line
 from mike_ray.mike.config import TransferConfig
 from mike_ray.mike.schedules import ScheduleConfig, make_schedule, progress_at
-from mike_ray.utils import limit_threads, seed_everything
+from mike_ray.utils import limit_threads, quiet_train_reports, seed_everything
 
 CKPT_FILE = "state.pt"
 
@@ -222,6 +222,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     shards = config.get("shards")
     taps: dict[str, list[str]] = config.get("taps") or {}
     limit_threads(cfg.threads)
+    quiet_train_reports()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     seed_everything(cfg.seed)

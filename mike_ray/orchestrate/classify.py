@@ -43,7 +43,7 @@ def classifier_refs(zoo_dir: Path, names: Sequence[str], imports: Sequence[str] 
 
 def run_mhgd(cfg: MHGDConfig, data: ClassificationData, teachers: Sequence[ClassifierRef],
              placement: PlacementConfig, workers: WorkersConfig, storage_path: str | Path, name: str,
-             shards: MHGDShardPool | None = None) -> MHGDResult:
+             shards: MHGDShardPool | None = None, report_epochs: bool = False) -> MHGDResult:
     """Fit one student with ``cfg.method`` from ``teachers``; a re-run of a finished ``name`` re-reports it.
 
     Args:
@@ -66,7 +66,7 @@ def run_mhgd(cfg: MHGDConfig, data: ClassificationData, teachers: Sequence[Class
                                                    "data": data.model_dump(mode="json"),
                                                    "teachers": shards if needs_teacher else None,
                                                    "refs": list(teachers)},
-                             workers, storage_path, name, "mhgd run", keep=1)
+                             workers, storage_path, name, "mhgd run", keep=1, report_epochs=report_epochs)
         from mike_ray.models.registry import load_torch_file
 
         with result.checkpoint.as_directory() as d:

@@ -13,7 +13,7 @@ from typing import Any
 
 from mike_ray.config import SweepConfig
 from mike_ray.orchestrate.family import FAMILIES, Family, family_of
-from mike_ray.orchestrate.records import load_failed
+from mike_ray.orchestrate.records import load_failed, load_stopped
 from mike_ray.orchestrate.tuning import run_trials
 from mike_ray.tracking import RunLogger, Tracking
 
@@ -32,6 +32,7 @@ class SweepSummary:
     trials: list[dict[str, Any]] = field(default_factory=list)
     failed: list[dict[str, Any]] = field(default_factory=list)
     family: str = "mike"
+    stopped: list[dict[str, Any]] = field(default_factory=list)  # by study.scheduler, before their end
 
     def accuracy_table(self) -> str:
         """MHGD: the Markdown accuracy table (teachers first, then each configuration's mean ± std)."""
@@ -43,6 +44,9 @@ class SweepSummary:
         lines += FAMILIES[self.family].report_lines(self)
         for f in self.failed:
             lines.append(f"  FAILED trial {f['trial_id']} ({f['method']}, seed {f['seed']}): {f.get('reason', '')}")
+        for t in self.stopped:
+            lines.append(f"  stopped early by the scheduler: {t.get('run_name') or t['trial_id']} after "
+                         f"{t['epochs']} epoch(s)")
         lines += [f"  MLflow store:  {self.tracking.uri}  (experiment '{self.tracking.experiment}', "
                   f"parent run {self.parent_run_id})",
                   f"  open the UI:   {self.tracking.ui_hint()}"]
@@ -117,7 +121,9 @@ def run_sweep(cfg: SweepConfig, sweep_file: str | Path, resume: bool = False,
         # --- trials ------------------------------------------------------------------------------
         summary.trials = run_trials(cfg, data_root, zoo_dir, tracking, parent_id, resume=resume, family=family)
         summary.failed = load_failed(out / "sweeps" / cfg.name)
+        summary.stopped = load_stopped(out / "sweeps" / cfg.name)
         client.log_metric(parent_id, "trials/finished", float(len(summary.trials)))
+        client.log_metric(parent_id, "trials/stopped_early", float(len(summary.stopped)))
         client.log_metric(parent_id, "trials/failed", float(len(summary.failed)))
         family.log_summary(client, parent_id, summary)
         status = "FINISHED"

@@ -77,7 +77,7 @@ def mhgd_trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
                                    placement_group=ray.util.get_current_placement_group(), first_bundle=1)
         try:
             res = run_mhgd(run_cfg, data, refs, ctx.placement, ctx.workers, ctx.sweep_dir / "runs", trial_id,
-                           shards=shards)
+                           shards=shards, report_epochs=ctx.report_epochs)
         finally:
             if shards is not None:
                 shards.shutdown()

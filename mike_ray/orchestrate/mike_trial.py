@@ -111,7 +111,7 @@ def mike_trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
                 run.params({"shards": shards.plan.replace("\n", " | ")})
             try:
                 res = run_transfer(tcfg, [], query_root, query, ctx.placement, ctx.workers,
-                                   ctx.sweep_dir / "runs", trial_id, shards=shards)
+                                   ctx.sweep_dir / "runs", trial_id, shards=shards, report_epochs=ctx.report_epochs)
             finally:
                 if shards is not None:
                     shards.shutdown()

@@ -53,6 +53,7 @@ class TrialContext:
     zoo_dir: Path
     settings: Any
     system_metrics: bool = False  # mlflow.system_metrics: CPU/GPU/memory on every trial run
+    report_epochs: bool = False  # study.scheduler: every epoch's metrics go to Tune, which may stop the trial
 
     def subset(self, params: Mapping[str, Any]) -> tuple[str, list[str]]:
         """The trial's teacher subset: (name, teacher names)."""
@@ -154,6 +155,10 @@ def finish_trial(run: RunLogger, done: Path, record: dict[str, Any], final: dict
     run.metrics({k: v for k, v in final.items() if not (isinstance(v, float) and math.isnan(v))}, model_id=model_id)
     run.client.set_terminated(run.run_id, status="FINISHED")
     write_json_atomic(done, record)
+    # the one line a trial leaves in the sweep's log (Tune's status tables are --verbose only)
+    name = run.client.get_run(run.run_id).info.run_name
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in list(final.items())[:2] if isinstance(v, (int, float)))
+    print(f"trial finished: {name}: {shown} ({record.get('trial_seconds', 0.0):.0f}s)", flush=True)
     ray.tune.report(final)
 
 
@@ -215,4 +220,12 @@ def load_failed(sweep_dir: Path) -> list[dict[str, Any]]:
     """Records of trials that raised (status "failed", reason), minus those finished by a later resume."""
     done = {p.stem for p in (Path(sweep_dir) / "trials").glob("*.json")}
     return [json.loads(p.read_text()) for p in sorted((Path(sweep_dir) / "trials" / "failed").glob("*.json"))
+            if p.stem not in done]
+
+
+def load_stopped(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Records of search trials the scheduler stopped early (``study.scheduler``), minus any finished
+    by a later resume."""
+    done = {p.stem for p in (Path(sweep_dir) / "trials").glob("*.json")}
+    return [json.loads(p.read_text()) for p in sorted((Path(sweep_dir) / "trials" / "stopped").glob("*.json"))
             if p.stem not in done]

@@ -20,18 +20,20 @@ from mike_ray.utils import atomic_dir, config_key
 
 
 def _bar(desc: str, unit: str):
-    """A progress(done, total) callback drawing a tqdm bar."""
-    from tqdm import tqdm
+    """A progress(done, total) callback drawing a progress bar (throttled when not on a terminal:
+    :func:`mike_ray.utils.progress_bar`)."""
+    from mike_ray.utils import progress_bar
 
     state: dict = {}
 
     def progress(done: int, total: int) -> None:
         if "bar" not in state:
-            state["bar"] = tqdm(total=total, desc=desc, unit=unit, leave=False)
-        state["bar"].n = done
-        state["bar"].refresh()
+            state["bar"] = progress_bar(total, desc, unit, leave=False)
+        bar = state["bar"]
+        bar.total = total
+        bar.update(done - bar.n)  # update, not refresh: a redraw only when mininterval has passed
         if done >= total:
-            state["bar"].close()
+            bar.close()
 
     return progress
 

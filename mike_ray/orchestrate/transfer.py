@@ -66,7 +66,8 @@ def query_shares(data_root: str | Path, tasks: Sequence[str]) -> dict[int, float
 
 def run_transfer(cfg: TransferConfig, teachers: Sequence[TeacherRef], data_root: str | Path,
                  query_tasks: Sequence[str], placement: PlacementConfig, workers: WorkersConfig,
-                 storage_path: str | Path, name: str, shards: MikeShardPool | None = None) -> TransferResult:
+                 storage_path: str | Path, name: str, shards: MikeShardPool | None = None,
+                 report_epochs: bool = False) -> TransferResult:
     """Fit one MIKE (or pixel) autoencoder; resumes by itself from ``storage_path/name``.
 
     Args:
@@ -77,6 +78,7 @@ def run_transfer(cfg: TransferConfig, teachers: Sequence[TeacherRef], data_root:
         placement/workers: where teachers and trainer workers run.
         storage_path/name: Ray Train's run directory (checkpoints; a rerun with the same name resumes).
         shards: an existing MikeShardPool (a trial places it in its placement group; tests kill one).
+        report_epochs: forward every epoch's metrics to the enclosing Tune trial (``study.scheduler``).
     """
     from mike_ray.data.query import count_query_rows
 
@@ -95,7 +97,7 @@ def run_transfer(cfg: TransferConfig, teachers: Sequence[TeacherRef], data_root:
         taps = shards.taps() if shards is not None else {}
         result = fit_trainer(train_fn_per_worker, {"transfer": cfg.model_dump(), "shards": shards, "taps": taps,
                                                    "data_root": str(data_root), "query_tasks": list(query_tasks)},
-                             workers, storage_path, name, "transfer")
+                             workers, storage_path, name, "transfer", report_epochs=report_epochs)
         from mike_ray.mike.train import load_checkpoint
 
         with result.checkpoint.as_directory() as d:

@@ -7,11 +7,14 @@ then the search. What one trial does is the family's trial function
 """
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from mike_ray.config import Range, SweepConfig
 from mike_ray.models.spec import import_archs
+from mike_ray.utils import verbose
 from mike_ray.orchestrate.family import Family, family_of
 from mike_ray.orchestrate.records import TrialContext, load_records, warn_errored
 from mike_ray.tracking import Tracking
@@ -85,7 +88,7 @@ def trial_context(cfg: SweepConfig, data_root: Path | None, zoo_dir: Path, track
         placement=cfg.resources.placement, workers=cfg.resources.workers,
         import_archs=tuple(sorted(import_archs(cfg.model_dump(mode="json")))),
         data_root=data_root, zoo_dir=zoo_dir, settings=(family or family_of(cfg)).settings(cfg, data_root),
-        system_metrics=cfg.mlflow.system_metrics)
+        system_metrics=cfg.mlflow.system_metrics, report_epochs=cfg.study.scheduler is not None)
 
 
 # --- the Tuners ---------------------------------------------------------------------------------------
@@ -99,7 +102,87 @@ def _tuner(trainable, name: str, storage: Path, tune_config, param_space, resume
     return ray.tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
                           run_config=ray.tune.RunConfig(name=name, storage_path=str(storage),
                                                         failure_config=ray.tune.FailureConfig(max_failures=0),
-                                                        verbose=1))
+                                                        # Tune's status table every few seconds: --verbose
+                                                        # only; each trial prints its own line when it ends
+                                                        verbose=1 if verbose() else 0))
+
+
+def _scheduler(cfg: SweepConfig):
+    """``study.scheduler`` as a Tune scheduler (None: every trial runs to its end). Trials then report
+    every epoch, and the objective only at their end (see :func:`_lenient_metrics`)."""
+    sched = cfg.study.scheduler
+    if sched is None:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    epochs = cfg.transfer.epochs if cfg.family == "mike" else cfg.mhgd.phase1_epochs + cfg.mhgd.epochs
+    return ASHAScheduler(time_attr="training_iteration", metric=sched.metric, mode=sched.mode, max_t=epochs + 1,
+                         grace_period=sched.grace_period, reduction_factor=sched.reduction_factor)
+
+
+@contextmanager
+def _lenient_metrics(on: bool) -> Iterator[None]:
+    """Tune checks that every result carries the searcher's and the scheduler's metric; with a
+    scheduler, per-epoch results lack the objective and the final one the per-epoch metric. Tune's
+    own switch turns the check off, for this Tuner only."""
+    key = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
+    before = os.environ.get(key)
+    if on:
+        os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if on:
+            if before is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = before
+
+
+def _final_result_optuna():
+    """OptunaSearch that learns from a trial's final result only: the per-epoch reports a scheduler
+    needs do not carry the objective (the downstream score exists only at the end)."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    class FinalResultOptuna(OptunaSearch):
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            return
+
+    return FinalResultOptuna
+
+
+def record_stopped(results, ctx: TrialContext) -> list[dict[str, Any]]:
+    """Trials the scheduler stopped: no record, no failure, no error. Each gets a
+    ``trials/stopped/<id>.json`` record and its MLflow run ends KILLED, tagged ``stopped early`` with
+    the epoch and the metric value it was stopped at."""
+    import mlflow
+
+    from mike_ray.utils import write_json_atomic
+
+    out = []
+    client = mlflow.MlflowClient(ctx.tracking.uri) if ctx.tracking is not None else None
+    for r in results:
+        tid = (r.metrics or {}).get("trial_id")
+        if r.error is not None or not tid or ctx.record_path(tid).is_file() or \
+                (ctx.sweep_dir / "trials" / "failed" / f"{tid}.json").is_file():
+            continue
+        rec = {"trial_id": tid, "status": "stopped", "epochs": int(r.metrics.get("training_iteration", 0)),
+               "params": {k: v for k, v in (r.config or {}).items() if not k.startswith("__")},
+               "last": {k: v for k, v in r.metrics.items() if isinstance(v, (int, float)) and "/" in k}}
+        if client is not None:
+            found = client.search_runs([ctx.tracking.experiment_id()],
+                                       f"tags.`mike_ray.trial_id` = '{tid}' and tags.`mlflow.parentRunId` = "
+                                       f"'{ctx.parent_id}'", max_results=1)
+            if found:
+                run_id = found[0].info.run_id
+                rec.update(method=found[0].data.tags.get("mike_ray.method"), run_name=found[0].info.run_name,
+                           mlflow_run_id=run_id)
+                client.set_tag(run_id, "mike_ray.status", "stopped_early")
+                client.set_tag(run_id, "mike_ray.stopped_at_epoch", str(rec["epochs"]))
+                client.set_terminated(run_id, status="KILLED")
+        write_json_atomic(ctx.sweep_dir / "trials" / "stopped" / f"{tid}.json", rec)
+        out.append(rec)
+    return out
 
 
 def run_trials(cfg: SweepConfig, data_root: Path | None, zoo_dir: Path, tracking: Tracking, parent_id: str,
@@ -107,7 +190,6 @@ def run_trials(cfg: SweepConfig, data_root: Path | None, zoo_dir: Path, tracking
     """The family's extra studies (baselines, controls), then the search; returns the trial records."""
     import ray.tune
     from ray.tune.search import ConcurrencyLimiter, Repeater
-    from ray.tune.search.optuna import OptunaSearch
 
     family = family or family_of(cfg)
     sweep_dir = cfg.output_dir() / "sweeps" / cfg.name
@@ -133,18 +215,23 @@ def run_trials(cfg: SweepConfig, data_root: Path | None, zoo_dir: Path, tracking
 
     # --- the search: every combination (grid) or an Optuna study -------------------------------------
     n_max = max(len(cfg.subset(s)) for s in cfg.teacher_subsets)
+    scheduler = _scheduler(cfg)
     if study.algorithm == "grid":
         space = search_space(cfg, seeds)
-        tune_config = ray.tune.TuneConfig(max_concurrent_trials=study.concurrency)
+        tune_config = ray.tune.TuneConfig(max_concurrent_trials=study.concurrency, scheduler=scheduler)
     else:
-        searcher = OptunaSearch(space=DefineByRun(cfg), metric=study.objective, mode=study.direction,
-                                seed=study.seed)
+        searcher = _final_result_optuna()(space=DefineByRun(cfg), metric=study.objective, mode=study.direction,
+                                          seed=study.seed)
         if study.repeats > 1:
             searcher = Repeater(searcher, repeat=study.repeats, set_index=True)
         searcher = ConcurrencyLimiter(searcher, max_concurrent=study.concurrency)
         space = {}
-        tune_config = ray.tune.TuneConfig(search_alg=searcher, num_samples=study.trials * study.repeats)
+        tune_config = ray.tune.TuneConfig(search_alg=searcher, num_samples=study.trials * study.repeats,
+                                          scheduler=scheduler)
     tuner = _tuner(trainable(list(cfg.search.method or [cfg.method]), n_max), "search", storage, tune_config,
                    space, resume)
-    warn_errored(tuner.fit(), "search")
+    with _lenient_metrics(scheduler is not None):
+        results = tuner.fit()
+    warn_errored(results, "search")
+    record_stopped(results, ctx)
     return load_records(sweep_dir)

@@ -1,0 +1,50 @@
+"""``study.scheduler``: ASHA stops a search trial that is clearly behind, on a real smoke sweep."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from mike_ray.config import load_sweep
+from mike_ray.errors import ConfigError
+from mike_ray.orchestrate.driver import run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = ROOT / "sweeps" / "demo.yaml"
+
+
+def test_the_scheduler_defaults_follow_the_family(tmp_path) -> None:
+    mike = load_sweep(SWEEP, [f"output={tmp_path}", "study.scheduler={}"], profile="smoke")
+    assert (mike.study.scheduler.metric, mike.study.scheduler.mode) == ("loss/val/teacher", "min")
+    mhgd = load_sweep(ROOT / "sweeps" / "mhgd_methods.yaml", [f"output={tmp_path}", "study.scheduler={}"],
+                      profile="smoke")
+    assert (mhgd.study.scheduler.metric, mhgd.study.scheduler.mode) == ("acc/val", "max")
+    with pytest.raises(ConfigError, match="study.scheduler.reduction_factor"):
+        load_sweep(SWEEP, [f"output={tmp_path}", "study.scheduler={reduction_factor: 1}"], profile="smoke")
+
+
+@pytest.mark.slow
+def test_asha_stops_a_trial_that_is_clearly_behind_and_records_it(ray_local, tmp_path) -> None:
+    """Two search trials, 3 transfer epochs each, run one after the other: learning rate 0.004 and
+    1e-6. After its first epoch the second one's val teacher loss is far behind the first's at the
+    same epoch, so ASHA (grace period 1, halving) stops it; it is recorded as stopped early, its
+    MLflow run ends KILLED with the epoch, and the other trial finishes with all its epochs."""
+    cfg = load_sweep(SWEEP, [f"output={tmp_path}", "study.scheduler={grace_period: 1}", "study.baselines=false",
+                             "study.control=false", "search.lr=[0.004, 0.000001]", "transfer.epochs=3"],
+                     profile="smoke")
+    summary = run_sweep(cfg, SWEEP)
+    assert [t["params"]["lr"] for t in summary.trials] == [0.004]
+    (stopped,) = summary.stopped
+    assert stopped["params"]["lr"] == 1e-6 and stopped["epochs"] == 1 and stopped["method"] == "mike"
+    assert "stopped early by the scheduler: mike three lr=1e-06" in summary.report()
+    assert json.loads((cfg.output_dir() / "sweeps" / cfg.name / "trials" / "stopped" /
+                       f"{stopped['trial_id']}.json").read_text())["status"] == "stopped"
+    client = mlflow.MlflowClient(summary.tracking.uri)
+    run = client.get_run(stopped["mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["mike_ray.status"] == "stopped_early"
+    assert run.data.tags["mike_ray.stopped_at_epoch"] == "1"
+    assert client.get_run(summary.parent_run_id).data.metrics["trials/stopped_early"] == 1.0
+    finished = client.get_run(summary.trials[0]["mlflow_run_id"])
+    assert len(client.get_metric_history(finished.info.run_id, "loss/val/teacher")) == 3
