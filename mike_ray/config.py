@@ -152,16 +152,16 @@ class SearchConfig(StrictModel):
 class SchedulerConfig(StrictModel):
     """Early stopping of search trials that are clearly behind (Tune's ASHA, on per-epoch metrics).
 
-    Each trial reports ``metric`` after every epoch (MIKE: the transfer's ``loss/val/teacher``,
-    teacher loss on the val query split; MHGD: ``acc/val``); at epochs ``grace_period``,
+    Each trial reports ``metric`` after every epoch (default: the transfer's ``loss/val/teacher``,
+    teacher loss on the val query split, lower is better); at epochs ``grace_period``,
     ``grace_period·reduction_factor``, … a trial below the top ``1/reduction_factor`` of the trials
     that reached that epoch is stopped. Its run is kept, marked ``stopped early``, without a score.
     Baselines and controls are never stopped.
     """
 
     name: Literal["asha"] = "asha"
-    metric: str | None = None  # default: loss/val/teacher (MIKE, min) or acc/val (MHGD, max)
-    mode: Literal["min", "max"] | None = None
+    metric: str | None = None  # default: loss/val/teacher (min); MIKE sweeps only for now
+    mode: Literal["min", "max"] | None = None  # required with a metric of your own
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2.0, gt=1)
 
@@ -296,11 +296,7 @@ class SweepConfig(StrictModel):
 
     @model_validator(mode="after")
     def _cross(self) -> "SweepConfig":
-        sched = self.study.scheduler
-        if sched is not None and (sched.metric is None or sched.mode is None):
-            metric, mode = ("loss/val/teacher", "min") if self.family == "mike" else ("acc/val", "max")
-            self.study.scheduler = sched.model_copy(update={"metric": sched.metric or metric,
-                                                            "mode": sched.mode or (mode if sched.metric is None else "min")})
+        self._check_scheduler()
         if self.family == "mhgd":
             self._check_mhgd()
             self._check_models()
@@ -385,6 +381,30 @@ class SweepConfig(StrictModel):
                     where = f"teachers.{t}.task" if t in self.teachers else f"teacher_subsets.{subset}"
                     raise ValueError(f"{where}: task '{task}' is not in query.tasks, so teacher '{t}' would never "
                                      f"score a row under transfer.masking")
+
+    def _check_scheduler(self) -> None:
+        """``study.scheduler``: MIKE only; a per-epoch metric the transfer reports, and one that is
+        comparable between the trials it ranks."""
+        sched = self.study.scheduler
+        if sched is None:
+            return
+        if self.family != "mike":
+            raise ValueError("study.scheduler: MIKE sweeps only for now (an MHGD trial's per-epoch reports "
+                             "include its phase-1 epochs, so its methods are not on one time axis)")
+        if sched.metric is None:
+            sched = sched.model_copy(update={"metric": "loss/val/teacher", "mode": sched.mode or "min"})
+        elif sched.mode is None:
+            raise ValueError(f"study.scheduler.mode: required with metric {sched.metric!r} (min or max)")
+        if not sched.metric.startswith("loss/"):
+            raise ValueError(f"study.scheduler.metric: {sched.metric!r} is not reported every epoch; use a "
+                             f"transfer loss (loss/val/teacher, loss/val/pixel_mse, loss/train/total, …)")
+        subsets = self.search.teacher_subset or []
+        parts = sched.metric.split("/")
+        if ("teacher" in parts or parts[-1] == "total") and len(subsets) > 1:
+            raise ValueError(f"study.scheduler.metric: {sched.metric} sums other teachers in each of the searched "
+                             f"teacher subsets ({', '.join(subsets)}), so its values do not rank them; search "
+                             f"one subset or use loss/val/pixel_mse")
+        self.study.scheduler = sched
 
     def _check_grid(self) -> None:
         if self.study.algorithm != "grid":

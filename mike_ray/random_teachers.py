@@ -42,8 +42,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         obj = {entry.weights_key: state} if entry.weights_key is not None else state
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        torch.save(obj, tmp)
-        os.replace(tmp, path)  # a killed run leaves no half-written file under the final name
+        try:
+            torch.save(obj, tmp)
+            os.replace(tmp, path)  # a killed run leaves no half-written file under the final name
+        finally:
+            tmp.unlink(missing_ok=True)
         print(f"written  {name}: {path} (random {entry.model.get('arch')}, seed {i})")
     return 0
 

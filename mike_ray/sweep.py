@@ -48,7 +48,9 @@ def init_ray(address: str | None, num_cpus: int | None, verbose: bool = False) -
         # a local run's trials are short: Train's controller polls its workers every 0.5 s instead of
         # 2 s, which saves ~5 s per trial on a laptop (clusters keep Ray's default)
         env["env_vars"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
-        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", include_dashboard=False, runtime_env=env)
+        # the dashboard serves the State API that Ray Train's placement-group cleaner polls every second;
+        # without it the cleaner logs a warning each time, and cannot clean up
+        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", include_dashboard=True, runtime_env=env)
 
 
 def check_output(output: str | Path, create: bool) -> None:

@@ -351,3 +351,44 @@ def test_own_teachers_of_one_architecture_run_as_one_grouped_forward_exactly(tmp
     assert float((a.grad - b.grad).abs().max()) <= 1e-12 * float(b.grad.abs().max())
     assert a.terms.keys() == b.terms.keys() and all(abs(a.terms[k] - b.terms[k]) <= 1e-12 * abs(b.terms[k])
                                                     for k in a.terms)
+
+
+class ScaledNet(torch.nn.Module):
+    """A model whose forward reads a parameter directly (like a ViT's class token or a ConvNeXt's
+    layer scale): torch.fx keeps its own reference to it, which a grouped forward would not swap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.scale = torch.nn.Parameter(torch.randn(1, 4, 1, 1))
+        self.head = torch.nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x) * self.scale)
+
+
+def test_teachers_that_cannot_be_grouped_exactly_run_one_at_a_time(tmp_path) -> None:
+    """Two teachers of a model that reads a parameter in its own forward: the shard finds that a
+    grouped forward would run the second with the first's parameter, does not group them (warned),
+    and its step equals the one-at-a-time step."""
+    from mike_ray.mike.shard import MikeShard, TeacherRef
+
+    arch = "test_own_teachers:ScaledNet"
+    refs = []
+    for i in range(2):
+        torch.manual_seed(i)
+        torch.save(ScaledNet().state_dict(), tmp_path / f"s{i}.pt")
+        e = TeacherEntry(model={"arch": arch}, weights=str(tmp_path / f"s{i}.pt"), taps=["conv", "head"], task="PHB")
+        refs.append(TeacherRef(f"s{i}", e.weights, task_id=TASK_CODES.index("PHB"), imports=(arch,),
+                               entry=e.model_dump(mode="json")))
+    with pytest.warns(UserWarning, match="one at a time"):
+        grouped = MikeShard(refs, device="cpu", threads=None, dtype=torch.float64, group_rows=4)
+    single = MikeShard(refs, device="cpu", threads=None, dtype=torch.float64, group_rows=0)
+    assert not grouped._stacks
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(4, 3, 64, 64, generator=g, dtype=torch.float64)
+    xbar = (x + 0.1 * torch.randn(x.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+    tasks = torch.tensor([TASK_CODES.index(t) for t in ["PHB", "DCH", "PHB", "CTB"]])
+    w = {n: {"conv": 1.0, "head": 1.0} for n in ("s0", "s1")}
+    a, b = grouped.step(x, xbar, tasks, w), single.step(x, xbar, tasks, w)
+    assert a.terms == b.terms and torch.equal(a.grad, b.grad)

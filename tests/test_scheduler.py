@@ -15,14 +15,28 @@ ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "sweeps" / "demo.yaml"
 
 
-def test_the_scheduler_defaults_follow_the_family(tmp_path) -> None:
-    mike = load_sweep(SWEEP, [f"output={tmp_path}", "study.scheduler={}"], profile="smoke")
+def test_the_scheduler_is_checked_as_it_loads(tmp_path) -> None:
+    def load(*sets: str):
+        return load_sweep(SWEEP, [f"output={tmp_path}", *sets], profile="smoke")
+
+    mike = load("study.scheduler={}")
     assert (mike.study.scheduler.metric, mike.study.scheduler.mode) == ("loss/val/teacher", "min")
-    mhgd = load_sweep(ROOT / "sweeps" / "mhgd_methods.yaml", [f"output={tmp_path}", "study.scheduler={}"],
-                      profile="smoke")
-    assert (mhgd.study.scheduler.metric, mhgd.study.scheduler.mode) == ("acc/val", "max")
-    with pytest.raises(ConfigError, match="study.scheduler.reduction_factor"):
-        load_sweep(SWEEP, [f"output={tmp_path}", "study.scheduler={reduction_factor: 1}"], profile="smoke")
+    for sets, says in [
+        (["study.scheduler={reduction_factor: 1}"], "study.scheduler.reduction_factor"),
+        (["study.scheduler={metric: loss/val/pixel_mse}"], "study.scheduler.mode: required"),
+        (["study.scheduler={metric: acc/val, mode: max}"], "is not reported every epoch"),
+        (["study.scheduler={}", "teacher_subsets={one: [DCH], three: [DCH, CTB, PHB]}",
+          "search.teacher_subset=[one, three]"], "do not rank them"),
+        (["study.scheduler={metric: loss/train/total, mode: min}", "teacher_subsets={one: [DCH], "
+          "three: [DCH, CTB, PHB]}", "search.teacher_subset=[one, three]"], "do not rank them"),
+    ]:
+        with pytest.raises(ConfigError, match=says):
+            load(*sets)
+    assert load("study.scheduler={metric: loss/val/pixel_mse, mode: min}", "teacher_subsets={one: [DCH], "
+                "three: [DCH, CTB, PHB]}", "search.teacher_subset=[one, three]").study.scheduler.mode == "min"
+    with pytest.raises(ConfigError, match="MIKE sweeps only"):
+        load_sweep(ROOT / "sweeps" / "mhgd_methods.yaml", [f"output={tmp_path}", "study.scheduler={}"],
+                   profile="smoke")
 
 
 @pytest.mark.slow

@@ -124,7 +124,8 @@ class MikeShard:
         for names in by_sig.values():
             if len(names) > 1:
                 stack = StackedModels([self.teachers[n][1] for n in names])
-                self._stacks.update({n: (stack, i) for i, n in enumerate(names)})
+                if _stack_runs_its_members(stack, [self.teachers[n][1] for n in names], dtype, self.device):
+                    self._stacks.update({n: (stack, i) for i, n in enumerate(names)})
 
     def taps(self) -> dict[str, list[str]]:
         """Teacher name → its ordered tap paths."""
@@ -313,6 +314,29 @@ class _Step:
         term, per_teacher = term.detach(), per_teacher.detach()
         return {name: [(name, per_teacher[i])] + [(f"{name}/{tap}", term[i, j]) for j, tap in enumerate(weighted)]
                 for i, (name, _, _) in enumerate(chunk)}
+
+
+def _stack_runs_its_members(stack: StackedModels, members: list[torch.nn.Module], dtype: torch.dtype,
+                            device: torch.device, size: int = 64) -> bool:
+    """Whether the grouped forward gives a member other than the template its own values, on one
+    random image: a model whose traced graph reads a parameter directly (a ViT's class token, a
+    ConvNeXt's layer scale) keeps the template's there, and a model vmap cannot run raises. Either
+    way its teachers run one at a time (warned), never with another teacher's weights."""
+    k = len(members) - 1
+    x = torch.rand(1, 1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    try:
+        with torch.no_grad():
+            got = stack.forward(stack.select(torch.tensor([k], device=device)), x)
+            want = members[k](x[0])
+        ok = all(torch.allclose(got[t][0], want[t], rtol=1e-4, atol=1e-6) for t in want)
+    except Exception as err:  # noqa: BLE001 - any failure means: do not group these teachers
+        warnings.warn(f"teachers of one architecture cannot run as one grouped forward "
+                      f"({one_line(str(err))[:200]}); running them one at a time")
+        return False
+    if not ok:
+        warnings.warn("teachers of one architecture give other values as one grouped forward (a parameter "
+                      "read outside its module); running them one at a time")
+    return ok
 
 
 def _rows_per_task(task_ids: torch.Tensor) -> dict[int, torch.Tensor]:

@@ -117,7 +117,8 @@ class OpenTrial:
         try:
             yield
         except BaseException as err:
-            fail_trial(self.run, self.ctx.sweep_dir, self.base, err)
+            if not _stopped_by_tune():  # a trial Tune stopped (study.scheduler) is the driver's to record
+                fail_trial(self.run, self.ctx.sweep_dir, self.base, err)
             raise
 
     def finish(self, record: dict[str, Any], final: dict[str, float], model_id: str | None = None) -> None:
@@ -173,18 +174,38 @@ def log_data(run: RunLogger, root: str | Path, split: str, tasks: list[str] | No
 
 
 def log_trained_model(run: RunLogger, spec: Mapping[str, Any], state: Mapping[str, Any], image_size: int,
-                      name: str) -> str:
+                      name: str) -> str | None:
     """The trial's trained network (``spec`` + ``state``) as an MLflow model of its run, loadable with
-    ``mlflow.pytorch.load_model``; its input example is two 3×S×S images. Returns its model id."""
+    ``mlflow.pytorch.load_model``; its input example is two 3×S×S images. Returns its model id, or
+    None when logging it failed (a model ``torch.export`` cannot trace, a store error): the trial's
+    results stand, the run says why in the tag ``mike_ray.model_not_logged`` and a warning is printed."""
     import numpy as np
 
     from mike_ray.models import build_model
 
-    model = build_model(dict(spec), imports="any")  # the sweep's own spec
-    model.load_state_dict(dict(state))
-    model.eval()
-    example = np.random.default_rng(0).random((2, 3, image_size, image_size), dtype=np.float32)
-    return run.model(model, name, example)
+    try:
+        model = build_model(dict(spec), imports="any")  # the sweep's own spec
+        model.load_state_dict(dict(state))
+        model.eval()
+        example = np.random.default_rng(0).random((2, 3, image_size, image_size), dtype=np.float32)
+        return run.model(model, name, example)
+    except Exception as err:  # noqa: BLE001 - the trial finished; losing its score over the model is worse
+        why = f"{type(err).__name__}: {one_line(str(err))[:300]}"
+        print(f"warning: the trial's {name} was not logged as an MLflow model: {why}")
+        run.tags({"mike_ray.model_not_logged": why})
+        return None
+
+
+def _stopped_by_tune() -> bool:
+    """Whether Tune has told this trial to stop (a scheduler's decision, or the sweep ending): its
+    session's stop event is set, and what the trial raises next is the stop, not a failure."""
+    try:
+        from ray.train._internal.session import get_session
+
+        session = get_session()
+        return bool(session is not None and session.stop_event.is_set())
+    except Exception:  # noqa: BLE001 - no Tune session here: not stopped by Tune
+        return False
 
 
 def fail_trial(run: RunLogger, sweep_dir: Path, base: dict[str, Any], err: BaseException) -> None:

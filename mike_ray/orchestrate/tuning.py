@@ -113,11 +113,24 @@ def _scheduler(cfg: SweepConfig):
     sched = cfg.study.scheduler
     if sched is None:
         return None
-    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-    epochs = cfg.transfer.epochs if cfg.family == "mike" else cfg.mhgd.phase1_epochs + cfg.mhgd.epochs
-    return ASHAScheduler(time_attr="training_iteration", metric=sched.metric, mode=sched.mode, max_t=epochs + 1,
-                         grace_period=sched.grace_period, reduction_factor=sched.reduction_factor)
+    class RecordingASHA(ASHAScheduler):
+        """ASHA that remembers whom it stopped (Tune's results do not say why a trial ended)."""
+
+        stopped: set[str]
+
+        def on_trial_result(self, tune_controller, trial, result):
+            action = super().on_trial_result(tune_controller, trial, result)
+            if action == TrialScheduler.STOP:
+                self.stopped = getattr(self, "stopped", set()) | {trial.trial_id}
+            return action
+
+    # one report per transfer epoch, then the final one (no per-epoch metric: ASHA lets it pass);
+    # stop_last_trials=False: a trial that reached the last rung is never stopped there
+    return RecordingASHA(time_attr="training_iteration", metric=sched.metric, mode=sched.mode,
+                         max_t=cfg.transfer.epochs + 1, grace_period=sched.grace_period,
+                         reduction_factor=sched.reduction_factor, stop_last_trials=False)
 
 
 @contextmanager
@@ -151,10 +164,10 @@ def _final_result_optuna():
     return FinalResultOptuna
 
 
-def record_stopped(results, ctx: TrialContext) -> list[dict[str, Any]]:
-    """Trials the scheduler stopped: no record, no failure, no error. Each gets a
-    ``trials/stopped/<id>.json`` record and its MLflow run ends KILLED, tagged ``stopped early`` with
-    the epoch and the metric value it was stopped at."""
+def record_stopped(results, ctx: TrialContext, stopped: set[str]) -> list[dict[str, Any]]:
+    """Trials the scheduler stopped (``stopped``: their Tune ids, as it recorded them; a trial cut off
+    by Ctrl-C is not one of them). Each gets a ``trials/stopped/<id>.json`` record and its MLflow run
+    ends KILLED, tagged ``stopped early`` with the epoch it was stopped at."""
     import mlflow
 
     from mike_ray.utils import write_json_atomic
@@ -163,7 +176,7 @@ def record_stopped(results, ctx: TrialContext) -> list[dict[str, Any]]:
     client = mlflow.MlflowClient(ctx.tracking.uri) if ctx.tracking is not None else None
     for r in results:
         tid = (r.metrics or {}).get("trial_id")
-        if r.error is not None or not tid or ctx.record_path(tid).is_file() or \
+        if tid not in stopped or r.error is not None or ctx.record_path(tid).is_file() or \
                 (ctx.sweep_dir / "trials" / "failed" / f"{tid}.json").is_file():
             continue
         rec = {"trial_id": tid, "status": "stopped", "epochs": int(r.metrics.get("training_iteration", 0)),
@@ -233,5 +246,6 @@ def run_trials(cfg: SweepConfig, data_root: Path | None, zoo_dir: Path, tracking
     with _lenient_metrics(scheduler is not None):
         results = tuner.fit()
     warn_errored(results, "search")
-    record_stopped(results, ctx)
+    if scheduler is not None:
+        record_stopped(results, ctx, getattr(scheduler, "stopped", set()))
     return load_records(sweep_dir)
