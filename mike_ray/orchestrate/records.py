@@ -213,6 +213,8 @@ def fail_trial(run: RunLogger, sweep_dir: Path, base: dict[str, Any], err: BaseE
     ``trials/failed/<id>.json`` record keeps it in the sweep's summary. Tune marks the trial ERROR
     with the same message; the sweep goes on with the other trials."""
     reason = one_line(str(err)) if isinstance(err, MikeRayError) else f"{type(err).__name__}: {one_line(str(err))}"
+    if (sweep_dir / "trials" / "stopped" / f"{base['trial_id']}.json").is_file():
+        return  # the scheduler stopped it, and the driver has recorded that already
     try:
         run.tags({"mike_ray.status": "failed", "mike_ray.failure_reason": reason[:5000]})
         run.client.set_terminated(run.run_id, status="FAILED")

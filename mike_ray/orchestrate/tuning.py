@@ -176,12 +176,14 @@ def record_stopped(results, ctx: TrialContext, stopped: set[str]) -> list[dict[s
     client = mlflow.MlflowClient(ctx.tracking.uri) if ctx.tracking is not None else None
     for r in results:
         tid = (r.metrics or {}).get("trial_id")
-        if tid not in stopped or r.error is not None or ctx.record_path(tid).is_file() or \
-                (ctx.sweep_dir / "trials" / "failed" / f"{tid}.json").is_file():
+        if tid not in stopped or ctx.record_path(tid).is_file():  # finished before the stop took effect
             continue
+        # the stop kills the trial's Train controller, which the trial may have seen as a failure first
+        (ctx.sweep_dir / "trials" / "failed" / f"{tid}.json").unlink(missing_ok=True)
         rec = {"trial_id": tid, "status": "stopped", "epochs": int(r.metrics.get("training_iteration", 0)),
                "params": {k: v for k, v in (r.config or {}).items() if not k.startswith("__")},
-               "last": {k: v for k, v in r.metrics.items() if isinstance(v, (int, float)) and "/" in k}}
+               # the val losses it was ranked on (loss/val/teacher, loss/val/pixel_mse), not its every term
+               "last": {k: v for k, v in r.metrics.items() if k.startswith("loss/val/") and k.count("/") == 2}}
         if client is not None:
             found = client.search_runs([ctx.tracking.experiment_id()],
                                        f"tags.`mike_ray.trial_id` = '{tid}' and tags.`mlflow.parentRunId` = "
@@ -192,6 +194,8 @@ def record_stopped(results, ctx: TrialContext, stopped: set[str]) -> list[dict[s
                            mlflow_run_id=run_id)
                 client.set_tag(run_id, "mike_ray.status", "stopped_early")
                 client.set_tag(run_id, "mike_ray.stopped_at_epoch", str(rec["epochs"]))
+                if "mike_ray.failure_reason" in found[0].data.tags:
+                    client.delete_tag(run_id, "mike_ray.failure_reason")
                 client.set_terminated(run_id, status="KILLED")
         write_json_atomic(ctx.sweep_dir / "trials" / "stopped" / f"{tid}.json", rec)
         out.append(rec)
