@@ -48,7 +48,9 @@ def ray_local(tmp_path_factory):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        # the dashboard serves the State API with which Ray Train's placement-group cleaner sees that a
+        # stopped trial's controller is gone and frees its workers' CPUs (as `python -m mike_ray.sweep`)
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}})
     yield ray
     # shut down only what this session started (never `ray stop`)

@@ -63,3 +63,13 @@ def test_asha_stops_a_trial_that_is_clearly_behind_and_records_it(ray_local, tmp
     assert client.get_run(summary.parent_run_id).data.metrics["trials/stopped_early"] == 1.0
     finished = client.get_run(summary.trials[0]["mlflow_run_id"])
     assert len(client.get_metric_history(finished.info.run_id, "loss/val/teacher")) == 3
+    # the stopped trial's trainer workers are released too (Train's placement-group cleaner), so the
+    # CPUs are free for what comes next
+    import time
+
+    import ray
+
+    deadline = time.time() + 30
+    while time.time() < deadline and ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"], ray.available_resources()

@@ -13,7 +13,7 @@ from typing import Any
 
 from mike_ray.config import SweepConfig
 from mike_ray.orchestrate.family import FAMILIES, Family, family_of
-from mike_ray.orchestrate.records import load_failed, load_stopped
+from mike_ray.orchestrate.records import load_failed, load_stopped, mark_stopped
 from mike_ray.orchestrate.tuning import run_trials
 from mike_ray.tracking import RunLogger, Tracking
 
@@ -122,6 +122,8 @@ def run_sweep(cfg: SweepConfig, sweep_file: str | Path, resume: bool = False,
         summary.trials = run_trials(cfg, data_root, zoo_dir, tracking, parent_id, resume=resume, family=family)
         summary.failed = load_failed(out / "sweeps" / cfg.name)
         summary.stopped = load_stopped(out / "sweeps" / cfg.name)
+        for rec in summary.stopped:  # again: a stopped trial's own process may have tagged it failed since
+            mark_stopped(client, rec)
         client.log_metric(parent_id, "trials/finished", float(len(summary.trials)))
         client.log_metric(parent_id, "trials/stopped_early", float(len(summary.stopped)))
         client.log_metric(parent_id, "trials/failed", float(len(summary.failed)))

@@ -117,7 +117,9 @@ class OpenTrial:
         try:
             yield
         except BaseException as err:
-            if not _stopped_by_tune():  # a trial Tune stopped (study.scheduler) is the driver's to record
+            # a trial stopped from outside (study.scheduler) is the driver's to record: Tune's stop event,
+            # or its trainer's controller ended by Ray on purpose (not a crash) before that was visible
+            if not (_stopped_by_tune() or "INTENDED_SYSTEM_EXIT" in str(err)):
                 fail_trial(self.run, self.ctx.sweep_dir, self.base, err)
             raise
 
@@ -213,8 +215,12 @@ def fail_trial(run: RunLogger, sweep_dir: Path, base: dict[str, Any], err: BaseE
     ``trials/failed/<id>.json`` record keeps it in the sweep's summary. Tune marks the trial ERROR
     with the same message; the sweep goes on with the other trials."""
     reason = one_line(str(err)) if isinstance(err, MikeRayError) else f"{type(err).__name__}: {one_line(str(err))}"
-    if (sweep_dir / "trials" / "stopped" / f"{base['trial_id']}.json").is_file():
-        return  # the scheduler stopped it, and the driver has recorded that already
+    try:
+        if (sweep_dir / "trials" / "stopped" / f"{base['trial_id']}.json").is_file() or \
+                run.client.get_run(run.run_id).info.status == "KILLED":
+            return  # the scheduler stopped it, and the driver has recorded that already
+    except Exception:  # noqa: BLE001 - the store is unreachable: record the failure as best we can
+        pass
     try:
         run.tags({"mike_ray.status": "failed", "mike_ray.failure_reason": reason[:5000]})
         run.client.set_terminated(run.run_id, status="FAILED")
@@ -240,10 +246,26 @@ def load_records(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def load_failed(sweep_dir: Path) -> list[dict[str, Any]]:
-    """Records of trials that raised (status "failed", reason), minus those finished by a later resume."""
-    done = {p.stem for p in (Path(sweep_dir) / "trials").glob("*.json")}
+    """Records of trials that raised (status "failed", reason), minus those finished by a later resume
+    and those the scheduler stopped (a stopped trial may see its trainer die before it sees the stop)."""
+    done = {p.stem for p in (Path(sweep_dir) / "trials").glob("*.json")} | \
+        {p.stem for p in (Path(sweep_dir) / "trials" / "stopped").glob("*.json")}
     return [json.loads(p.read_text()) for p in sorted((Path(sweep_dir) / "trials" / "failed").glob("*.json"))
             if p.stem not in done]
+
+
+def mark_stopped(client: Any, rec: Mapping[str, Any]) -> None:
+    """A stopped trial's MLflow run: KILLED, tagged ``stopped_early`` with its epoch, no failure
+    reason (idempotent: the driver applies it when it records the stop and again at the sweep's end,
+    after any late failure handler of the stopped trial's own process)."""
+    run_id = rec.get("mlflow_run_id")
+    if not run_id:
+        return
+    client.set_tag(run_id, "mike_ray.status", "stopped_early")
+    client.set_tag(run_id, "mike_ray.stopped_at_epoch", str(rec["epochs"]))
+    if "mike_ray.failure_reason" in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, "mike_ray.failure_reason")
+    client.set_terminated(run_id, status="KILLED")
 
 
 def load_stopped(sweep_dir: Path) -> list[dict[str, Any]]:

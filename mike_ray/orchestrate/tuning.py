@@ -16,7 +16,7 @@ from mike_ray.config import Range, SweepConfig
 from mike_ray.models.spec import import_archs
 from mike_ray.utils import verbose
 from mike_ray.orchestrate.family import Family, family_of
-from mike_ray.orchestrate.records import TrialContext, load_records, warn_errored
+from mike_ray.orchestrate.records import TrialContext, load_records, mark_stopped, warn_errored
 from mike_ray.tracking import Tracking
 
 
@@ -189,14 +189,9 @@ def record_stopped(results, ctx: TrialContext, stopped: set[str]) -> list[dict[s
                                        f"tags.`mike_ray.trial_id` = '{tid}' and tags.`mlflow.parentRunId` = "
                                        f"'{ctx.parent_id}'", max_results=1)
             if found:
-                run_id = found[0].info.run_id
                 rec.update(method=found[0].data.tags.get("mike_ray.method"), run_name=found[0].info.run_name,
-                           mlflow_run_id=run_id)
-                client.set_tag(run_id, "mike_ray.status", "stopped_early")
-                client.set_tag(run_id, "mike_ray.stopped_at_epoch", str(rec["epochs"]))
-                if "mike_ray.failure_reason" in found[0].data.tags:
-                    client.delete_tag(run_id, "mike_ray.failure_reason")
-                client.set_terminated(run_id, status="KILLED")
+                           mlflow_run_id=found[0].info.run_id)
+                mark_stopped(client, rec)
         write_json_atomic(ctx.sweep_dir / "trials" / "stopped" / f"{tid}.json", rec)
         out.append(rec)
     return out
