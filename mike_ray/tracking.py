@@ -180,6 +180,7 @@ class RunLogger:
         """Record a dataset this run read as an MLflow dataset input (the UI's *Dataset* column):
         its location, a content digest (e.g. a prepared dataset's manifest hash) and a profile (row
         counts); ``context``: "train", "validation", "test", …. Metadata only: nothing is copied."""
+        import time
         import warnings
 
         from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -189,8 +190,19 @@ class RunLogger:
             warnings.simplefilter("ignore")
             src = resolve_dataset_source(str(source))
         ds = _PreparedData(src, name=name, digest=digest[:32], profile=dict(profile))
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(ds._to_mlflow_entity(),
-                                                                   [InputTag("mlflow.data.context", context)])])
+        inputs = [DatasetInput(ds._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])]
+        for attempt in range(4):
+            try:
+                self.client.log_inputs(self.run_id, datasets=inputs)
+                return
+            except Exception as err:  # noqa: BLE001 - two trials registering one dataset at once
+                # MLflow gets-or-creates the dataset row non-atomically: the loser of the race hits the
+                # unique constraint, and a retry finds the row the winner wrote
+                if attempt == 3:
+                    print(f"warning: dataset input {name!r} not logged: {type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:200]}")
+                    return
+                time.sleep(0.2 * (attempt + 1))
 
     def model(self, model: Any, name: str, input_example: Any) -> str:
         """Log a torch ``model`` as an MLflow model of this run (the UI's *Models* column), loadable
