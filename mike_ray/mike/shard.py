@@ -428,12 +428,20 @@ class MikeShardPool(ShardPool):
             self.shards = start_shard_actors(MikeShard, [(g, placement.device, placement.threads, placement.bf16,
                                                              dtype, True, placement.group_rows) for g in self.groups],
                                              placement, placement_group, first_bundle, concurrency)
-            self._taps = {}
-            for taps in ray.get([s.taps.remote() for s in self.shards]):
-                self._taps.update(taps)
+            # not waited for here: the actors load their teachers while the caller starts its trainer
+            # (a trial's shards and its Train workers start side by side); the first taps() waits
+            self._taps = None
 
     def taps(self) -> dict[str, list[str]]:
-        """Teacher name → ordered tap paths, over all shards."""
+        """Teacher name → ordered tap paths, over all shards (the first call waits until every
+        shard actor has loaded its teachers; a shard that cannot start raises here)."""
+        if self._taps is None:
+            import ray
+
+            taps: dict[str, list[str]] = {}
+            for t in ray.get([s.taps.remote() for s in self.shards]):
+                taps.update(t)
+            self._taps = taps
         return dict(self._taps)
 
     def step(self, x: torch.Tensor, xbar: torch.Tensor, task_ids: torch.Tensor,

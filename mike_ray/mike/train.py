@@ -205,7 +205,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     """Ray Train V2 ``train_loop_per_worker``.
 
     ``config`` keys: ``transfer`` (a :class:`TransferConfig` dict), ``shards`` (a MikeShardPool with
-    Ray actor handles, or None for the pixel method), ``taps`` (teacher → tap paths), ``data_root``
+    Ray actor handles, or None for the pixel method), ``taps`` (teacher → tap paths; default: the
+    shards'), ``data_root``
     and ``query_tasks`` (the prepared dataset and the tasks whose train/val splits are the query
     data, or a prepared folder/COCO query set and no tasks). Each worker reads the query rows itself and visits them in a fresh seeded global
     shuffle every epoch (:class:`~mike_ray.data.loaders.QueryBatches`), so batches mix the tasks.
@@ -220,7 +221,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     cfg = TransferConfig.model_validate(config["transfer"])
     shards = config.get("shards")
-    taps: dict[str, list[str]] = config.get("taps") or {}
+    # teacher → tap paths; asked of the shards when not given (waits for them to finish loading)
+    taps: dict[str, list[str]] = config.get("taps") or (shards.taps() if shards is not None else {})
     limit_threads(cfg.threads)
     quiet_train_reports()
     ctx = ray.train.get_context()

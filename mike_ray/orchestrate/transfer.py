@@ -94,8 +94,9 @@ def run_transfer(cfg: TransferConfig, teachers: Sequence[TeacherRef], data_root:
             else None
         shards = MikeShardPool(teachers, placement, shares=shares, concurrency=workers.num_workers)
     try:
-        taps = shards.taps() if shards is not None else {}
-        result = fit_trainer(train_fn_per_worker, {"transfer": cfg.model_dump(), "shards": shards, "taps": taps,
+        # the workers ask the shards for their taps: the shard actors load their teachers while
+        # Train starts its controller and workers
+        result = fit_trainer(train_fn_per_worker, {"transfer": cfg.model_dump(), "shards": shards,
                                                    "data_root": str(data_root), "query_tasks": list(query_tasks)},
                              workers, storage_path, name, "transfer", report_epochs=report_epochs)
         from mike_ray.mike.train import load_checkpoint
