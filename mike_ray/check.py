@@ -111,12 +111,15 @@ def _shard(path: Path, image_size: int | None = None, **_: Any) -> str:
     from mike_ray.data.shards import MANIFEST, read_manifest, read_shard
 
     source = "--image-size"
+    manifest = path.parent.parent / MANIFEST
+    # <dataset>/<split>/<TASK>.parquet: the dataset says how big its crops are, its task table and
+    # how many mask channels its rows have
+    man = read_manifest(manifest) if manifest.is_file() else None
     if image_size is None:
         image_size, source = DEFAULT_IMAGE_SIZE, "default"
-        manifest = path.parent.parent / MANIFEST
-        if manifest.is_file():  # <dataset>/<split>/<TASK>.parquet: the dataset says how big its crops are
-            image_size, source = read_manifest(manifest).image_size, str(manifest)
-    table = read_shard(path, image_size)
+        if man is not None:
+            image_size, source = man.image_size, str(manifest)
+    table = read_shard(path, image_size, **({"table": man.table, "channels": man.mask_channels} if man else {}))
     return f"{table.num_rows} rows, image_size {image_size} ({source})"
 
 

@@ -17,7 +17,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from mike_ray.config_base import StrictModel, load_yaml, validate
 from mike_ray.data.sources import ClassificationData
 from mike_ray.data.coco import PrepareConfig
-from mike_ray.data.tasks import TASK_CODES, TASKS
+from mike_ray.data.tasks import TASKS, check_task_table
 from mike_ray.errors import ConfigError
 from mike_ray.mike.config import DownstreamConfig, QueryConfig, TeacherEntry, TransferConfig, ZooConfig, query_tasks
 from mike_ray.mhgd.config import METHODS as MHGD_METHODS
@@ -231,6 +231,9 @@ class SweepConfig(StrictModel):
 
     name: str = Field("sweep", pattern=r"^[A-Za-z0-9_.-]+$")
     output: str = "outputs"
+    # MIKE: the task table, task code → COCO category names (≥ 1 per task; ids in this order); the
+    # default of every task list below and the prepared data's table. None: the paper's 11 tasks.
+    tasks: dict[str, list[str]] | None = None
     data: DataConfig = Field(default_factory=DataConfig)
     zoo: ZooConfig = Field(default_factory=ZooConfig)
     method: Literal["mike", "pixel", "student", "soft_logits", "fsp", "ab", "kdsvd", "mhgd"] = "mike"
@@ -250,6 +253,62 @@ class SweepConfig(StrictModel):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     # named diffs on top of this file (e.g. "smoke": the same sweep, tiny); applied by --profile
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @classmethod
+    def model_validate(cls, obj: Any, *, strict: bool | None = None, from_attributes: bool | None = None,
+                       context: Any | None = None, **kwargs: Any) -> "SweepConfig":
+        """Validate a sweep; task codes anywhere in it are checked against its ``tasks:`` table (passed
+        to every nested validator as the validation context, :func:`mike_ray.data.tasks.table_of`)."""
+        if context is None and isinstance(obj, dict) and obj.get("tasks") is not None:
+            try:
+                context = {"tasks": check_task_table(obj["tasks"])}
+            except ConfigError:
+                pass  # the field validator reports it, with its path
+        return super().model_validate(obj, strict=strict, from_attributes=from_attributes, context=context,
+                                      **kwargs)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_table_defaults(cls, data: Any) -> Any:
+        """A ``tasks:`` table is the prepared data's ``task_table`` and the default of ``zoo.tasks``,
+        ``downstream.tasks`` and ``data.prepare.tasks`` (every task of the table)."""
+        if not isinstance(data, dict) or data.get("tasks") is None:
+            return data
+        try:
+            check_task_table(data["tasks"])
+        except ConfigError:
+            return data  # the field validator reports it, alone
+        codes = list(data["tasks"])
+        data = dict(data)
+        sections = {"data": dict(data.get("data") or {})} if isinstance(data.get("data") or {}, dict) else {}
+        if sections and isinstance(sections["data"].get("prepare") or {}, dict):
+            prep = dict(sections["data"].get("prepare") or {})
+            if prep.get("task_table") not in (None, data["tasks"]):
+                raise ValueError("data.prepare.task_table: differs from the sweep's tasks: section (give the "
+                                 "table once, as tasks:)")
+            prep["task_table"] = data["tasks"]
+            prep.setdefault("tasks", codes)
+            sections["data"]["prepare"] = prep
+            data["data"] = sections["data"]
+        for name in ("zoo", "downstream"):
+            if isinstance(data.get(name) or {}, dict):
+                data[name] = {"tasks": codes, **(data.get(name) or {})}
+        return data
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+        if v is None:
+            return v
+        try:
+            return {k: list(names) for k, names in check_task_table(v).items()}
+        except ConfigError as err:  # its message names the entry ("tasks.VEH: …"), shown as it is
+            raise ValueError(str(err)) from None
+
+    @property
+    def task_table(self) -> dict[str, tuple[str, ...]]:
+        """The sweep's task table (code → class names, id order): ``tasks:``, or the paper's 11."""
+        return {k: tuple(v) for k, v in (self.tasks or TASKS).items()}
 
     @field_validator("teacher_subsets")
     @classmethod
@@ -298,6 +357,9 @@ class SweepConfig(StrictModel):
     def _cross(self) -> "SweepConfig":
         self._check_scheduler()
         if self.family == "mhgd":
+            if self.tasks is not None:
+                raise ValueError(f"tasks: a task table is for MIKE sweeps; method '{self.method}' classifies the "
+                                 f"crops of the paper's 33 classes (leave tasks: out)")
             self._check_mhgd()
             self._check_models()
             return self
@@ -306,11 +368,12 @@ class SweepConfig(StrictModel):
                 raise ValueError(f"search.{name}: only for MHGD-family methods ({', '.join(MHGD_METHODS)}), "
                                  f"not method '{self.method}'")
         self._check_own_teachers()
+        self._check_table_on_generated_data()
         for name, teachers in self.teacher_subsets.items():
-            bad = [t for t in self.subset(name) if t not in TASKS and t not in self.teachers]
+            bad = [t for t in self.subset(name) if t not in self.task_table and t not in self.teachers]
             if bad:
                 raise ValueError(f"teacher_subsets.{name}: unknown teacher '{bad[0]}' (known: "
-                                 f"{', '.join([*self.teachers, *TASK_CODES])})")
+                                 f"{', '.join([*self.teachers, *self.task_table])})")
         self._check_grid()
         if self.study.baselines or self.study.control:
             for name in SearchConfig.MODEL_DIMS:
@@ -338,6 +401,20 @@ class SweepConfig(StrictModel):
         self._check_models()
         return self
 
+    def _check_table_on_generated_data(self) -> None:
+        """A ``tasks:`` table on the generated default names only categories it draws (a user's COCO
+        files are checked when the data is prepared: ``<file>: categories: no category named …``)."""
+        if self.tasks is None or self.data.source != "generated":
+            return
+        from mike_ray.data.synth import COCO_CATEGORIES
+
+        drawn = [name for _, name, _ in COCO_CATEGORIES]
+        for code, names in self.tasks.items():
+            missing = [n for n in names if n not in drawn]
+            if missing:
+                raise ValueError(f"tasks.{code}: {missing[0]!r} is not a category of the generated data (it draws: "
+                                 f"{', '.join(drawn)}); or use data.source: coco")
+
     def _check_own_teachers(self) -> None:
         """``teachers:`` entries: names that make metric paths, no clash with a zoo teacher's task
         code, and tasks the prepared data has (the weights are checked by ``check_teachers``)."""
@@ -345,7 +422,7 @@ class SweepConfig(StrictModel):
             if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or set(name) <= {"."}:
                 raise ValueError(f"teachers.{name}: a teacher's name is part of metric paths: use letters, digits, "
                                  f"'_', '-', '.'")
-            if name in TASKS:
+            if name in self.task_table:
                 raise ValueError(f"teachers.{name}: '{name}' names the zoo's teacher of task {name}; choose "
                                  f"another name")
             if entry.task is not None and entry.task not in self.data.prepare.tasks:

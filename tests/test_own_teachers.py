@@ -252,10 +252,10 @@ def test_sweep_file_checks_of_own_teachers(tmp_path) -> None:
 
     cfg = load_sweep(SWEEP, [f"output={tmp_path}"], profile="smoke")
     assert cfg.subset("all_three") == ["seg_lraspp", "seg_deeplab", "cls_resnet18"]  # "all": the entries
-    assert cfg.query_tasks(cfg.subset("all_three")) == ["PHB", "DCH", "CTB"]
+    assert cfg.query_tasks(cfg.subset("all_three")) == ["PHB", "DCH", "VEH"]
     assert "teachers.seg_lraspp.task: unknown task 'XYZ'" in load("teachers.seg_lraspp.task=XYZ")
     assert "teachers.DCH: 'DCH' names the zoo's teacher" in load("teachers.DCH={model: resnet18, weights: a.pt}")
-    assert "teachers.seg_deeplab.task: task 'DCH' is not in query.tasks" in load("query.tasks=[PHB, CTB]")
+    assert "teachers.seg_deeplab.task: task 'DCH' is not in query.tasks" in load("query.tasks=[PHB, VEH]")
     assert "teacher_subsets.x: unknown teacher 'nope'" in load("teacher_subsets={x: [seg_lraspp, nope]}")
     assert "teachers.cls_resnet18.modle: unknown key (did you mean 'model'?)" in \
         load("teachers.cls_resnet18.modle=resnet18")
@@ -263,9 +263,9 @@ def test_sweep_file_checks_of_own_teachers(tmp_path) -> None:
     # a subset of teachers without a task needs query.tasks
     assert "query.tasks: required" in load("query.tasks=null", "teacher_subsets={r: [cls_resnet18]}")
     # zoo teachers and own teachers in one subset; the query set defaults to their tasks
-    mixed = load_sweep(SWEEP, [f"output={tmp_path}", "query.tasks=null", "teacher_subsets={m: [seg_lraspp, CTB]}"],
+    mixed = load_sweep(SWEEP, [f"output={tmp_path}", "query.tasks=null", "teacher_subsets={m: [seg_lraspp, VEH]}"],
                        profile="smoke")
-    assert mixed.query_tasks(mixed.subset("m")) == ["PHB", "CTB"]
+    assert mixed.query_tasks(mixed.subset("m")) == ["PHB", "VEH"]
 
 
 @pytest.mark.slow
@@ -288,12 +288,13 @@ def test_the_bring_your_own_smoke_sweep_distils_every_teacher(tmp_path, ray_loca
     runs = client.search_runs([exp.experiment_id], "tags.`mike_ray.method` = 'mike' and tags.`mike_ray.stage` = 'trial'")
     assert len(runs) == 1
     m, params = runs[0].data.metrics, runs[0].data.params
-    assert params["teachers"] == "seg_lraspp,seg_deeplab,cls_resnet18" and params["query_tasks"] == "PHB,DCH,CTB"
+    assert params["teachers"] == "seg_lraspp,seg_deeplab,cls_resnet18" and params["query_tasks"] == "PHB,DCH,VEH"
     for name in ("seg_lraspp", "seg_deeplab", "cls_resnet18"):
         train = [v for k, v in m.items() if k.startswith(f"loss/teacher/{name}/")]
         val = [v for k, v in m.items() if k.startswith(f"loss/val/teacher/{name}/")]
         assert train and val and all(v > 0 for v in train + val), (name, sorted(m))
-    assert "iou/val/DCH" in m and "iou/test/CTB" in m
+    # VEH, a task of the sweep's own table, four classes: its zoo teacher and decoder have four maps
+    assert "iou/val/DCH" in m and "iou/test/VEH" in m
     trial = json.loads(next((tmp_path / "outputs" / "sweeps" / "byo-smoke" / "trials").glob("*.json")).read_text())
     assert trial["status"] == "finished"
 

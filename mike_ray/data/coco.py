@@ -1,6 +1,7 @@
-"""COCO reader (pycocotools): instance crops with 3-channel task masks, for real COCO and the default.
+"""COCO reader (pycocotools): instance crops with task masks (one channel per class of the task), for
+real COCO and the default.
 
-For every selected task and every instance of its three classes that is not a crowd and has
+For every selected task and every instance of its classes that is not a crowd and has
 ``area >= min_area``:
 
 1. a square box around the instance's bounding box, ``max(w, h)·(1 + 2·margin)`` on a side,
@@ -31,18 +32,19 @@ import io
 import json
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from pycocotools.coco import COCO
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from mike_ray.config_base import StrictModel
-from mike_ray.data.tasks import TASK_CODES, TASKS, check_task_codes, resolve_task_categories
+from mike_ray.data.tasks import TASKS, check_task_codes, check_task_table, resolve_task_categories
 from mike_ray.data.coco_schema import validate_coco
 from mike_ray.errors import ConfigError, DataError, one_line
 
@@ -50,7 +52,7 @@ SPLITS = ("train", "val", "test")
 
 
 class PrepareConfig(StrictModel):
-    """How COCO instances become 64×64 crops with 3-channel masks (everything that changes the data)."""
+    """How COCO instances become 64×64 crops with task masks (everything that changes the data)."""
 
     image_size: int = Field(64, ge=8, le=1024, description="side of the square crops, pixels")
     margin: float = Field(0.15, ge=0.0, le=2.0,
@@ -66,7 +68,9 @@ class PrepareConfig(StrictModel):
     test_fraction: float = Field(0.2, ge=0.0, lt=1.0,
                                  description="fraction of image ids held out for test (reports only)")
     seed: int = Field(0, ge=0, description="augmentation seed")
-    tasks: list[str] = Field(default_factory=lambda: list(TASK_CODES), description="task codes to prepare")
+    task_table: dict[str, list[str]] | None = Field(
+        None, description="task code → COCO category names (a sweep's tasks: section); None: the paper's 11")
+    tasks: list[str] | None = Field(None, description="task codes to prepare (default: every task of the table)")
     max_instances_per_class: int | None = Field(
         None, ge=1, description="cap on cropped instances per class (chosen by a hash of the annotation id)")
 
@@ -77,13 +81,35 @@ class PrepareConfig(StrictModel):
             raise PydanticCustomError("zoom_range", "must be [low, high] with 0 < low <= high")
         return v
 
+    @field_validator("task_table")
+    @classmethod
+    def _table(cls, v: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+        if v is None:
+            return v
+        try:
+            return {k: list(names) for k, names in check_task_table(v, field="task_table").items()}
+        except ConfigError as err:
+            raise ValueError(str(err)) from None  # names the entry: task_table.X: …
+
     @field_validator("tasks")
     @classmethod
-    def _known_tasks(cls, v: list[str]) -> list[str]:
+    def _known_tasks(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if v is None:
+            return v
         try:
-            return check_task_codes(v, field="tasks")
+            return check_task_codes(v, field="tasks", table=info.data.get("task_table") or TASKS)
         except ConfigError as err:  # re-raised as a pydantic error so the message names the field path
             raise PydanticCustomError("task_code", str(err).removeprefix("tasks: ")) from None
+
+    @property
+    def table(self) -> dict[str, tuple[str, ...]]:
+        """The task table (code → class names, in id order): ``task_table``, or the paper's."""
+        return {k: tuple(v) for k, v in (self.task_table or TASKS).items()}
+
+    def key_dump(self) -> dict[str, Any]:
+        """What names the prepared data (its config key): the config, without ``task_table`` when it
+        is the default (keys of datasets prepared before tables existed stay the same)."""
+        return self.model_dump(mode="json", exclude={"task_table"} if self.task_table is None else None)
 
     @model_validator(mode="after")
     def _fractions(self) -> "PrepareConfig":
@@ -96,10 +122,17 @@ class PrepareConfig(StrictModel):
     @model_validator(mode="after")
     def _task_order(self) -> "PrepareConfig":
         # canonical order (task id order) so the same set of tasks gives the same config key
-        order = sorted(self.tasks, key=TASK_CODES.index)
+        codes = list(self.table)
+        order = sorted(self.tasks, key=codes.index) if self.tasks is not None else codes
         if order != self.tasks:
             object.__setattr__(self, "tasks", order)
         return self
+
+
+def mask_channels(cfg: PrepareConfig) -> int:
+    """Channels of every mask in a dataset prepared with ``cfg``: its widest task's class count (3
+    for the paper's tasks); a narrower task's extra channels are 0."""
+    return max(len(cfg.table[t]) for t in cfg.tasks)
 
 
 def image_split(image_id: int, val_fraction: float, test_fraction: float = 0.0) -> str:
@@ -178,10 +211,11 @@ class CocoSource:
     ann_path: Path
     image_dir: Path
     coco: COCO
-    task_cats: dict[str, tuple[int, int, int]]  # task code → category id per mask channel
+    task_cats: dict[str, tuple[int, ...]]  # task code → category id per mask channel
 
 
-def open_sources(coco_root: str | Path, splits: Sequence[str], tasks: Sequence[str]) -> list[CocoSource]:
+def open_sources(coco_root: str | Path, splits: Sequence[str], tasks: Sequence[str],
+                 table: Mapping[str, Sequence[str]] = TASKS) -> list[CocoSource]:
     """Load the annotation files of ``splits`` and resolve the tasks' class names in each.
 
     Image ids must be unique across the splits (they are in COCO 2017); a repeat is a DataError.
@@ -191,7 +225,7 @@ def open_sources(coco_root: str | Path, splits: Sequence[str], tasks: Sequence[s
     for split in splits:
         ann_path = annotation_path(coco_root, split)
         coco = load_coco(ann_path)
-        task_cats = {code: resolve_task_categories(coco, code, str(ann_path)) for code in tasks}
+        task_cats = {code: resolve_task_categories(coco, code, str(ann_path), table) for code in tasks}
         for img_id in coco.imgs:
             if img_id in seen:
                 raise DataError(f"{ann_path}: images: image id {img_id} also appears in {seen[img_id]}")
@@ -242,33 +276,47 @@ def crop_specs(bbox: Sequence[float], ann_id: int, cfg: PrepareConfig, augment: 
     return specs
 
 
-def extract_crop(image: Image.Image, mask: Image.Image, spec: CropSpec, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cut one crop out of an image and its 3-channel task mask with the same box and flip.
+def extract_crop(image: Image.Image, mask: Image.Image | Sequence[Image.Image], spec: CropSpec,
+                 size: int, channels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Cut one crop out of an image and its task mask with the same box and flip.
 
     Args:
         image: RGB image, H×W.
-        mask: RGB image, H×W, channel k = 255 where the task's k-th class is (0 elsewhere).
+        mask: the task mask as RGB images, H×W, three mask channels each (:func:`mask_images`):
+            channel k = 255 where the task's k-th class is (0 elsewhere).
         spec: box (outside the image is padded with 0) and mirror flag.
-        size: output side.
+        size: output side. channels: mask channels kept (default: all, 3 per mask image).
     Returns:
-        (image ``size×size×3`` uint8 HWC, mask ``3×size×size`` uint8 CHW with values 0/1).
+        (image ``size×size×3`` uint8 HWC, mask ``channels×size×size`` uint8 CHW with values 0/1).
     """
-    img = image.crop(spec.box)
-    msk = mask.crop(spec.box)
-    if spec.mirror:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        msk = msk.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    img = img.resize((size, size), Image.Resampling.BILINEAR)
-    msk = msk.resize((size, size), Image.Resampling.BILINEAR)
-    img_a = np.asarray(img, dtype=np.uint8)
-    msk_a = (np.asarray(msk, dtype=np.uint8) >= 128).astype(np.uint8).transpose(2, 0, 1)
+    def cut(im: Image.Image) -> np.ndarray:
+        im = im.crop(spec.box)
+        if spec.mirror:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return np.asarray(im.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+    img_a = cut(image)
+    planes = [cut(m) for m in ([mask] if isinstance(mask, Image.Image) else mask)]
+    msk_a = (np.concatenate(planes, axis=2)[:, :, :channels] >= 128).astype(np.uint8).transpose(2, 0, 1)
     return img_a, np.ascontiguousarray(msk_a)
 
 
-def task_mask(coco: COCO, anns: Sequence[dict], cats: tuple[int, int, int], source: str) -> np.ndarray:
-    """H×W×3 uint8 mask (0/255) of one image for one task: channel k = union of all class-k annotations."""
+def mask_images(mask: np.ndarray) -> list[Image.Image]:
+    """H×W×C uint8 mask → ceil(C/3) RGB images (PIL crops and resizes three channels at a time; the
+    last is padded with zero channels)."""
+    pad = (-mask.shape[2]) % 3
+    if pad:
+        mask = np.concatenate([mask, np.zeros((*mask.shape[:2], pad), np.uint8)], axis=2)
+    return [Image.fromarray(np.ascontiguousarray(mask[:, :, i:i + 3]), "RGB") for i in range(0, mask.shape[2], 3)]
+
+
+def task_mask(coco: COCO, anns: Sequence[dict], cats: Sequence[int], source: str,
+              channels: int | None = None) -> np.ndarray:
+    """H×W×C uint8 mask (0/255) of one image for one task: channel k = union of all class-k
+    annotations (``cats[k]``); C = ``channels`` (default ``len(cats)``; channels past the task's
+    classes stay 0: a dataset's masks are as wide as its widest task)."""
     img = coco.imgs[anns[0]["image_id"]]
-    out = np.zeros((img["height"], img["width"], 3), np.uint8)
+    out = np.zeros((img["height"], img["width"], channels or len(cats)), np.uint8)
     for ann in anns:
         if ann["category_id"] not in cats:
             continue
@@ -391,7 +439,7 @@ def _capped_ann_ids(sources: Sequence[CocoSource], cfg: PrepareConfig) -> set[in
                 for ann in src.coco.loadAnns(src.coco.getAnnIds(catIds=[cat])):
                     if _eligible(ann, cfg):
                         h = hashlib.blake2b(f"{cfg.seed}:{ann['id']}".encode(), digest_size=8).digest()
-                        per_class.setdefault(TASKS[code][k], []).append((h, ann["id"]))
+                        per_class.setdefault(cfg.table[code][k], []).append((h, ann["id"]))
     for items in per_class.values():
         keep.update(aid for _, aid in sorted(items)[: cfg.max_instances_per_class])
     return keep
@@ -417,6 +465,8 @@ def iter_crops(sources: Sequence[CocoSource], cfg: PrepareConfig,
     """
     keep = _capped_ann_ids(sources, cfg)
     size = cfg.image_size
+    table, channels = cfg.table, mask_channels(cfg)
+    ids = {code: i for i, code in enumerate(table)}
     for src in sources:
         cat_to_task = {c: code for code, cs in src.task_cats.items() for c in cs}
         source = str(src.ann_path)
@@ -434,13 +484,13 @@ def iter_crops(sources: Sequence[CocoSource], cfg: PrepareConfig,
                 if not mine:
                     continue
                 cats = src.task_cats[code]
-                mask = Image.fromarray(task_mask(src.coco, anns, cats, source), "RGB")
-                tid = TASK_CODES.index(code)
+                mask = mask_images(task_mask(src.coco, anns, cats, source, channels))
+                tid = ids[code]
                 for ann in mine:
                     k = cats.index(ann["category_id"])
                     for spec in crop_specs(ann["bbox"], ann["id"], cfg, augment):
-                        im_a, m_a = extract_crop(image, mask, spec, size)
-                        yield CropRecord(split, code, tid, TASKS[code][k], int(ann["category_id"]), int(img_id),
+                        im_a, m_a = extract_crop(image, mask, spec, size, channels)
+                        yield CropRecord(split, code, tid, table[code][k], int(ann["category_id"]), int(img_id),
                                          int(ann["id"]), im_a.tobytes(), m_a.tobytes())
             if progress is not None:
                 progress(1)

@@ -39,7 +39,7 @@ def _check_split(split: str) -> None:
 def _select_tasks(man: Manifest, tasks: Sequence[str] | None, root: Path) -> list[str]:
     if tasks is None:
         return list(man.tasks)
-    codes = check_task_codes(tasks)
+    codes = check_task_codes(tasks, table=man.table)
     missing = [t for t in codes if t not in man.tasks]
     if missing:
         raise ConfigError(f"tasks: {', '.join(missing)} not prepared in {root} (has {', '.join(man.tasks)})")
@@ -87,7 +87,7 @@ def _mapped_task(root: Path, man: Manifest, split: str, task: str) -> tuple[np.n
 
     from mike_ray.errors import DataError
 
-    s = man.image_size
+    s, c = man.image_size, man.mask_channels
     final = root / "cache" / split / task
     names = ("images", "masks", "task_ids", "image_ids")
     if not (final / "image_ids.npy").is_file():
@@ -98,9 +98,10 @@ def _mapped_task(root: Path, man: Manifest, split: str, task: str) -> tuple[np.n
             raise DataError(f"{final.parent}: cannot write the query cache ({err.strerror}); "
                             f"use memory 'ram' (transfer.query_memory: ram)") from None
         try:
-            table = read_shard(shard_path(root, split, task), s, columns=["image", "mask", "task_id", "image_id"])
+            table = read_shard(shard_path(root, split, task), s, columns=["image", "mask", "task_id", "image_id"],
+                               table=man.table, channels=c)
             arrays = (binary_to_array(table.column("image"), (s, s, 3)).transpose(0, 3, 1, 2),
-                      binary_to_array(table.column("mask"), (3, s, s)),
+                      binary_to_array(table.column("mask"), (c, s, s)),
                       table.column("task_id").to_numpy().astype(np.int64),
                       table.column("image_id").to_numpy().astype(np.int64))
             for name, arr in zip(names, arrays):
@@ -121,7 +122,7 @@ def _mapped_task(root: Path, man: Manifest, split: str, task: str) -> tuple[np.n
         except (OSError, ValueError) as err:
             raise DataError(f"{path}: unreadable query cache ({type(err).__name__}); delete {final} to rebuild it") \
                 from None
-        want = (n, 3, s, s) if name in ("images", "masks") else (n,)
+        want = (n, 3, s, s) if name == "images" else (n, c, s, s) if name == "masks" else (n,)
         if arr.shape != want or (arr.dtype != np.uint8 and name in ("images", "masks")):
             raise DataError(f"{path}: shape {arr.shape} {arr.dtype}, the manifest says {want} uint8; "
                             f"delete {final} to rebuild it")
@@ -139,7 +140,7 @@ class ShardDataset(Dataset):
 
     Attributes:
         images: N×3×S×S uint8 (CHW, converted once at load); a :class:`MappedRows` under mmap.
-        masks: N×3×S×S uint8, 0/1 (the same).
+        masks: N×C×S×S uint8, 0/1 (the same; C: the manifest's mask_channels, a task uses its first k).
         task_ids: N int64.
         image_ids: N int64 (source COCO image id; crops of one image share it).
         manifest: the dataset's validated manifest.
@@ -161,7 +162,7 @@ class ShardDataset(Dataset):
         self.manifest = validate_dataset(self.root)
         self.split = split
         self.tasks = _select_tasks(self.manifest, tasks, self.root)
-        s = self.manifest.image_size
+        s, c = self.manifest.image_size, self.manifest.mask_channels
         if memory == "mmap":
             parts = [_mapped_task(self.root, self.manifest, split, t) for t in self.tasks]
             self.task_ids = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.int64)
@@ -171,18 +172,19 @@ class ShardDataset(Dataset):
                 keep = np.sort(np.random.default_rng(seed).permutation(len(self.task_ids))[:limit])
                 self.task_ids, self.image_ids = self.task_ids[keep], self.image_ids[keep]
             self.images = MappedRows([p[0] for p in parts], (3, s, s), keep)
-            self.masks = MappedRows([p[1] for p in parts], (3, s, s), keep)
+            self.masks = MappedRows([p[1] for p in parts], (c, s, s), keep)
             return
         imgs, msks, tids, iids = [], [], [], []
         for task in self.tasks:
-            table = read_shard(shard_path(self.root, split, task), s, columns=["image", "mask", "task_id", "image_id"])
+            table = read_shard(shard_path(self.root, split, task), s, columns=["image", "mask", "task_id", "image_id"],
+                               table=self.manifest.table, channels=c)
             # HWC → CHW once here, so a batch is a plain gather later
             imgs.append(binary_to_array(table.column("image"), (s, s, 3)).transpose(0, 3, 1, 2))
-            msks.append(binary_to_array(table.column("mask"), (3, s, s)))
+            msks.append(binary_to_array(table.column("mask"), (c, s, s)))
             tids.append(table.column("task_id").to_numpy().astype(np.int64))
             iids.append(table.column("image_id").to_numpy().astype(np.int64))
         self.images = np.ascontiguousarray(np.concatenate(imgs)) if imgs else np.zeros((0, 3, s, s), np.uint8)
-        self.masks = np.ascontiguousarray(np.concatenate(msks)) if msks else np.zeros((0, 3, s, s), np.uint8)
+        self.masks = np.ascontiguousarray(np.concatenate(msks)) if msks else np.zeros((0, c, s, s), np.uint8)
         self.task_ids = np.concatenate(tids) if tids else np.zeros(0, np.int64)
         self.image_ids = np.concatenate(iids) if iids else np.zeros(0, np.int64)
         if limit is not None and limit < len(self.task_ids):
@@ -271,14 +273,14 @@ def ray_dataset(root: str | Path, split: str, tasks: Sequence[str] | None = None
     root = Path(root)
     man = validate_dataset(root)
     codes = _select_tasks(man, tasks, root)
-    s = man.image_size
+    s, c = man.image_size, man.mask_channels
     paths = [str(shard_path(root, split, t)) for t in codes if man.rows(split, t) > 0]
     if not paths:
         raise ConfigError(f"tasks: no {split} rows for {', '.join(codes)} in {root}")
     for p in paths:  # fail fast with a DataError naming the file, before any Ray task runs
         check_shard_schema(p)
     ds = ray.data.read_parquet(paths, tensor_column_schema={"image": (np.uint8, (s, s, 3)),
-                                                            "mask": (np.uint8, (3, s, s))},
+                                                            "mask": (np.uint8, (c, s, s))},
                                ray_remote_args={"num_cpus": num_cpus})
     # select_columns is pushed down into the Parquet read (``columns=`` is deprecated in 2.60)
     return ds.select_columns(["image", "mask", "task_id"]).map_batches(decode_numpy_batch, batch_format="numpy",

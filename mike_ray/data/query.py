@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from mike_ray.config_base import StrictModel
-from mike_ray.data.tasks import TASK_CODES, TASKS
+from mike_ray.data.tasks import table_of
 from mike_ray.errors import DataError
 
 __all__ = ["IMAGE_SUFFIXES", "NO_TASK", "QueryConfig", "count_query_rows", "describe_data", "is_query_dataset", "load_query",
@@ -60,12 +60,13 @@ class QueryConfig(StrictModel):
 
     @field_validator("tasks")
     @classmethod
-    def _known(cls, v: list[str] | None) -> list[str] | None:
+    def _known(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
         if v is None:
             return v
-        bad = [t for t in v if t not in TASKS]
+        table = table_of(info)
+        bad = [t for t in v if t not in table]
         if bad or not v:
-            raise ValueError(f"unknown task {bad[0]!r} (known: {', '.join(TASK_CODES)})" if bad
+            raise ValueError(f"unknown task {bad[0]!r} (known: {', '.join(table)})" if bad
                              else "at least one task is required (or leave it out)")
         if len(set(v)) != len(v):
             raise ValueError("tasks repeat")

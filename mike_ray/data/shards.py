@@ -28,7 +28,7 @@ import os
 import shutil
 import socket
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from mike_ray.config_base import format_validation_error
 from mike_ray.data.coco import (SPLITS, CropRecord, PrepareConfig, annotation_path, count_work, discover_splits,
                                 file_sha256, iter_crops, open_sources)
-from mike_ray.data.tasks import TASK_CODES, TASKS
+from mike_ray.data.tasks import TASKS
 from mike_ray.errors import ConfigError, DataError, one_line
 
 FORMAT_VERSION = 2  # 2: a test split (test/<TASK>.parquet, counts.test); 1 had train/val only
@@ -50,7 +50,8 @@ ROW_GROUP = 1024  # rows buffered per (split, task) before a row group is writte
 
 SCHEMA = pa.schema([
     ("image", pa.binary()),        # image_size·image_size·3 uint8, HWC RGB
-    ("mask", pa.binary()),         # 3·image_size·image_size uint8, CHW, 0/1; channel k = task's k-th class
+    ("mask", pa.binary()),         # C·image_size·image_size uint8, CHW, 0/1; channel k = task's k-th class
+                                   # (C: the widest task's class count, 3 for the paper's tasks)
     ("task", pa.string()),
     ("task_id", pa.int8()),
     ("class_name", pa.string()),
@@ -81,6 +82,25 @@ class Manifest(BaseModel):
         """Number of rows (crops) in ``<split>/<task>.parquet``."""
         return sum(self.counts[split][task].values())
 
+    @property
+    def table(self) -> dict[str, tuple[str, ...]]:
+        """The data's task table, code → class names in id order (``config.task_table``, or the paper's)."""
+        table = self.config.get("task_table") or TASKS
+        return {k: tuple(v) for k, v in table.items()}
+
+    def task_id(self, code: str) -> int:
+        """A task's id in this data (its index in :attr:`table`): the ``task_id`` of its rows."""
+        return list(self.table).index(code)
+
+    def classes(self, code: str) -> tuple[str, ...]:
+        """A task's class names: channel k of its masks is class k."""
+        return self.table[code]
+
+    @property
+    def mask_channels(self) -> int:
+        """Channels of every mask row: the widest prepared task's class count."""
+        return max(len(self.table[t]) for t in self.tasks)
+
 
 def shard_path(root: str | Path, split: str, task: str) -> Path:
     """``<root>/<split>/<task>.parquet``."""
@@ -89,7 +109,7 @@ def shard_path(root: str | Path, split: str, task: str) -> Path:
 
 def config_key(cfg: PrepareConfig, source: dict[str, Any]) -> str:
     """12-hex-digit key of (config, source, format version): the dataset's directory name."""
-    blob = json.dumps({"config": cfg.model_dump(mode="json"), "source": source, "format_version": FORMAT_VERSION},
+    blob = json.dumps({"config": cfg.key_dump(), "source": source, "format_version": FORMAT_VERSION},
                       sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -146,7 +166,7 @@ def read_manifest(path: str | Path) -> Manifest:
         for split in SPLITS:
             for task in man.tasks:
                 classes = table.get(split, {}).get(task)
-                if classes is None or set(classes) != set(TASKS[task]):
+                if classes is None or set(classes) != set(man.table.get(task, ())):
                     raise DataError(f"{p}: {field}.{split}.{task}: missing or wrong classes")
                 for cls, n in classes.items():
                     if n < 0:
@@ -194,7 +214,7 @@ def check_dataset(root: str | Path) -> Manifest:
     man = validate_dataset(root, verify_content=True)
     for split in SPLITS:
         for task in man.tasks:
-            read_shard(shard_path(root, split, task), man.image_size)
+            read_shard(shard_path(root, split, task), man.image_size, table=man.table, channels=man.mask_channels)
     return man
 
 
@@ -227,8 +247,12 @@ def check_shard_schema(path: str | Path) -> None:
     _check_schema(path, schema)
 
 
-def read_shard(path: str | Path, image_size: int, columns: Sequence[str] | None = None) -> pa.Table:
+def read_shard(path: str | Path, image_size: int, columns: Sequence[str] | None = None,
+               table: Mapping[str, Sequence[str]] = TASKS, channels: int = 3) -> pa.Table:
     """Read one shard and check its schema, the byte size of every image and mask value, and the values.
+
+    ``table``/``channels``: the dataset's task table and mask channels (:class:`Manifest`; default:
+    the paper's tasks, 3).
 
     A missing/unreadable file, a missing or ill-typed column, a null, a value of the wrong size, a
     mask value other than 0/1, or a label that contradicts the task (see :func:`_check_values`) →
@@ -240,25 +264,25 @@ def read_shard(path: str | Path, image_size: int, columns: Sequence[str] | None 
     if path.stat().st_size == 0:
         raise DataError(f"{path}: not a readable Parquet file: file is empty (0 bytes)")
     try:
-        table = pq.read_table(path, columns=list(columns) if columns else None)
+        data = pq.read_table(path, columns=list(columns) if columns else None)
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"{path}: not a readable Parquet file: {_arrow_detail(err, path)}") from None
-    _check_schema(path, table.schema, columns)
-    for name in table.column_names:
-        if name in SCHEMA.names and table.column(name).null_count:
-            raise DataError(f"{path}: column {name!r}: {table.column(name).null_count} null values")
-    expect = {"image": image_size * image_size * 3, "mask": 3 * image_size * image_size}
+    _check_schema(path, data.schema, columns)
+    for name in data.column_names:
+        if name in SCHEMA.names and data.column(name).null_count:
+            raise DataError(f"{path}: column {name!r}: {data.column(name).null_count} null values")
+    expect = {"image": image_size * image_size * 3, "mask": channels * image_size * image_size}
     for name, nbytes in expect.items():
-        if name not in table.column_names or table.num_rows == 0:
+        if name not in data.column_names or data.num_rows == 0:
             continue
-        lengths = pc.binary_length(table.column(name))
+        lengths = pc.binary_length(data.column(name))
         lo, hi = pc.min(lengths).as_py(), pc.max(lengths).as_py()
         if lo != nbytes or hi != nbytes:
             raise DataError(f"{path}: column {name!r}: values of {lo}..{hi} bytes, expected {nbytes} "
-                            f"(image_size {image_size})")
-    if table.num_rows:
-        _check_values(path, table, image_size)
-    return table
+                            f"(image_size {image_size}" + (f", {channels} mask channels)" if name == "mask" else ")"))
+    if data.num_rows:
+        _check_values(path, data, image_size, table, channels)
+    return data
 
 
 def _first_bad(mask: pa.ChunkedArray | pa.Array) -> int:
@@ -266,49 +290,51 @@ def _first_bad(mask: pa.ChunkedArray | pa.Array) -> int:
     return int(np.flatnonzero(np.asarray(mask.to_numpy(zero_copy_only=False)))[0])
 
 
-def _check_values(path: Path, table: pa.Table, image_size: int) -> None:
+def _check_values(path: Path, table: pa.Table, image_size: int, tasks: Mapping[str, Sequence[str]] = TASKS,
+                  channels: int = 3) -> None:
     """Check the values a trainer relies on without looking (cheap: vectorised, ~10 ms per 10k rows).
 
     - ``mask``: every byte 0 or 1 (a 0/255 mask would be a 255× loss);
-    - ``task_id``: a known task id; with ``task``, ``task == TASK_CODES[task_id]``; the file named
+    - ``task_id``: a known task id (index in ``tasks``, the data's task table); with ``task``,
+      ``task == codes[task_id]``; the file named
       ``<TASK>.parquet`` holds only that task;
     - ``class_name``: one of the row's task classes; ``split``: the folder it lies in.
     """
     cols = table.column_names
     if "mask" in cols:
-        row_max = binary_to_array(table.column("mask"), (3 * image_size * image_size,)).max(axis=1)
+        row_max = binary_to_array(table.column("mask"), (channels * image_size * image_size,)).max(axis=1)
         if row_max.max() > 1:
             row = int(np.argmax(row_max > 1))
             raise DataError(f"{path}: column 'mask': row {row} has value {int(row_max[row])}, masks hold 0/1")
-    stem = path.stem if path.stem in TASKS else None
+    codes = list(tasks)
+    stem = path.stem if path.stem in tasks else None
     if "task_id" in cols:
         tid = table.column("task_id")
-        bad = pc.or_(pc.less(tid, 0), pc.greater_equal(tid, len(TASK_CODES)))
+        bad = pc.or_(pc.less(tid, 0), pc.greater_equal(tid, len(codes)))
         if pc.any(bad).as_py():
             row = _first_bad(bad)
             raise DataError(f"{path}: column 'task_id': row {row} has {tid[row].as_py()}, task ids are "
-                            f"0..{len(TASK_CODES) - 1}")
+                            f"0..{len(codes) - 1}")
         if stem is not None:
-            bad = pc.not_equal(tid, TASK_CODES.index(stem))
+            bad = pc.not_equal(tid, codes.index(stem))
             if pc.any(bad).as_py():
                 row = _first_bad(bad)
                 raise DataError(f"{path}: column 'task_id': row {row} has {tid[row].as_py()}, the file of task "
-                                f"{stem} holds task id {TASK_CODES.index(stem)}")
+                                f"{stem} holds task id {codes.index(stem)}")
         if "task" in cols:
-            codes = pa.array(TASK_CODES, pa.string())
-            bad = pc.not_equal(table.column("task"), pc.take(codes, tid))
+            bad = pc.not_equal(table.column("task"), pc.take(pa.array(codes, pa.string()), tid))
             if pc.any(bad).as_py():
                 row = _first_bad(bad)
                 raise DataError(f"{path}: column 'task': row {row} has {table.column('task')[row].as_py()!r} but "
-                                f"task_id {tid[row].as_py()} is {TASK_CODES[tid[row].as_py()]!r}")
+                                f"task_id {tid[row].as_py()} is {codes[tid[row].as_py()]!r}")
     if "class_name" in cols and ("task" in cols or stem is not None):
-        tasks = table.column("task").to_pylist() if "task" in cols else [stem] * table.num_rows
-        for row, (task, cls) in enumerate(zip(tasks, table.column("class_name").to_pylist())):
-            if task not in TASKS:
+        rows = table.column("task").to_pylist() if "task" in cols else [stem] * table.num_rows
+        for row, (task, cls) in enumerate(zip(rows, table.column("class_name").to_pylist())):
+            if task not in tasks:
                 raise DataError(f"{path}: column 'task': row {row} has unknown task {task!r}")
-            if cls not in TASKS[task]:
+            if cls not in tasks[task]:
                 raise DataError(f"{path}: column 'class_name': row {row} has {cls!r}, not a class of task {task} "
-                                f"({', '.join(TASKS[task])})")
+                                f"({', '.join(tasks[task])})")
     if "split" in cols:
         want = path.parent.name if path.parent.name in SPLITS else None
         allowed = pa.array([want] if want else list(SPLITS), pa.string())
@@ -452,7 +478,7 @@ def prepare_dataset(cfg: PrepareConfig, coco_root: str | Path, out_root: str | P
     tmp.mkdir()
     writers = _Writers(tmp, cfg.tasks)
     try:
-        sources = open_sources(coco_root, splits, cfg.tasks)
+        sources = open_sources(coco_root, splits, cfg.tasks, cfg.table)
         total = count_work(sources, cfg)
         done = 0
 
@@ -462,8 +488,9 @@ def prepare_dataset(cfg: PrepareConfig, coco_root: str | Path, out_root: str | P
             if progress is not None:
                 progress(done, total)
 
-        counts = {s: {t: {c: 0 for c in TASKS[t]} for t in cfg.tasks} for s in SPLITS}
-        inst: dict[str, dict[str, set[int]]] = {s: {c: set() for t in cfg.tasks for c in TASKS[t]} for s in SPLITS}
+        table = cfg.table
+        counts = {s: {t: {c: 0 for c in table[t]} for t in cfg.tasks} for s in SPLITS}
+        inst: dict[str, dict[str, set[int]]] = {s: {c: set() for t in cfg.tasks for c in table[t]} for s in SPLITS}
         for rec in iter_crops(sources, cfg, progress=step):
             writers.add(rec)
             counts[rec.split][rec.task][rec.class_name] += 1
@@ -472,7 +499,7 @@ def prepare_dataset(cfg: PrepareConfig, coco_root: str | Path, out_root: str | P
         manifest = Manifest(
             format_version=FORMAT_VERSION, config=cfg.model_dump(mode="json"), config_key=key, source=source,
             content_hash=content_hash(tmp), counts=counts,
-            instances={s: {t: {c: len(inst[s][c]) for c in TASKS[t]} for t in cfg.tasks} for s in SPLITS},
+            instances={s: {t: {c: len(inst[s][c]) for c in table[t]} for t in cfg.tasks} for s in SPLITS},
             image_size=cfg.image_size, tasks=list(cfg.tasks))
         (tmp / MANIFEST).write_text(json.dumps(manifest.model_dump(mode="json"), indent=1))
         _publish(tmp, final)
@@ -516,7 +543,7 @@ def dataset_summary(root: str | Path) -> str:
              f"{'task':<5} {'class':<14} " + " ".join(f"{s:>7}" for s in SPLITS) + " "
              + " ".join(f"{h:>10}" for h in inst)]
     for task in man.tasks:
-        for cls in TASKS[task]:
+        for cls in man.classes(task):
             lines.append(f"{task:<5} {cls:<14} " + " ".join(f"{man.counts[s][task][cls]:>7}" for s in SPLITS) + " "
                          + " ".join(f"{man.instances[s][task][cls]:>10}" for s in SPLITS))
         lines.append(f"{task:<5} {'(total)':<14} " + " ".join(f"{man.rows(s, task):>7}" for s in SPLITS))

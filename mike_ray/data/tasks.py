@@ -1,13 +1,17 @@
-"""The 11 three-class segmentation tasks of the MIKE paper (§4.1), as COCO category names.
+"""Task tables: task code → its COCO category names. The default is the MIKE paper's 11 three-class
+tasks (§4.1); a sweep's ``tasks:`` section (or ``data.prepare.task_table``) gives its own, with any
+number of classes ≥ 1 per task.
 
-A task's integer id is its index in :data:`TASK_CODES`; channel k of a task's mask is the task's
-k-th class. Names use COCO 2017's exact spelling, so they resolve through any COCO-format
-annotation file (real COCO or the generated default, which uses COCO's real ids).
+A task's integer id is its index in the table (:data:`TASK_CODES` for the default; a prepared
+dataset's manifest carries its table); channel k of a task's mask is the task's k-th class. Names
+use COCO 2017's exact spelling, so they resolve through any COCO-format annotation file (real COCO
+or the generated default, which uses COCO's real ids).
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from mike_ray.errors import ConfigError, DataError
 
@@ -38,16 +42,61 @@ CLASS_TO_TASK: dict[str, tuple[str, int]] = {
 """COCO category name → (task code, mask channel). The 33 classes are all distinct."""
 
 
-def task_id(code: str) -> int:
-    """Integer id of a task code (its index in :data:`TASK_CODES`); unknown → ConfigError."""
+TaskTable = Mapping[str, Sequence[str]]
+"""Task code → its class names (COCO category names), in id order."""
+
+MAX_TASKS = 127          # task ids are stored as int8
+MAX_CLASSES_PER_TASK = 32  # mask bytes per row grow with the widest task: 32 × 64 × 64 = 128 kB
+_CODE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,15}$")
+
+
+def check_task_table(raw: Any, field: str = "tasks") -> dict[str, tuple[str, ...]]:
+    """Validate a task table: a mapping of task code (a letter, then letters, digits or ``_``; at most
+    16) → a list of 1..32 distinct COCO category names; no name in two tasks (a crop's task is its
+    category's). Returns it with tuples, in the given order (the ids). One-line ConfigError naming
+    ``field`` and the offending entry."""
+    if not isinstance(raw, Mapping) or not raw:
+        raise ConfigError(f"{field}: a mapping of task code → list of COCO category names, with at least one task")
+    if len(raw) > MAX_TASKS:
+        raise ConfigError(f"{field}: {len(raw)} tasks, at most {MAX_TASKS}")
+    owner: dict[str, str] = {}
+    out: dict[str, tuple[str, ...]] = {}
+    for code, names in raw.items():
+        if not isinstance(code, str) or not _CODE.match(code):
+            raise ConfigError(f"{field}: task code {code!r}: a letter, then letters, digits or '_' (at most 16)")
+        if isinstance(names, str) or not isinstance(names, Sequence) or not names:
+            raise ConfigError(f"{field}.{code}: a list of COCO category names, at least one")
+        if len(names) > MAX_CLASSES_PER_TASK:
+            raise ConfigError(f"{field}.{code}: {len(names)} classes, at most {MAX_CLASSES_PER_TASK}")
+        for name in names:
+            if not isinstance(name, str) or not name.strip():
+                raise ConfigError(f"{field}.{code}: {name!r} is not a category name")
+            if name in owner:
+                where = "listed twice" if owner[name] == code else f"also in task {owner[name]}"
+                raise ConfigError(f"{field}.{code}: category {name!r} {where} (a crop's task is its category's)")
+            owner[name] = code
+        out[code] = tuple(names)
+    return out
+
+
+def table_of(info: Any) -> TaskTable:
+    """The task table a pydantic validator checks codes against: the validation context's ``tasks``
+    (a sweep file's ``tasks:`` section, passed by :meth:`mike_ray.config.SweepConfig.model_validate`),
+    else the paper's default."""
+    ctx = getattr(info, "context", None) or {}
+    return ctx.get("tasks") or TASKS
+
+
+def task_id(code: str, table: TaskTable = TASKS) -> int:
+    """Integer id of a task code (its index in ``table``); unknown → ConfigError."""
     try:
-        return TASK_CODES.index(code)
+        return list(table).index(code)
     except ValueError:
-        raise ConfigError(f"tasks: unknown task code {code!r} (known: {', '.join(TASK_CODES)})") from None
+        raise ConfigError(f"tasks: unknown task code {code!r} (known: {', '.join(table)})") from None
 
 
-def check_task_codes(codes: Iterable[str], field: str = "tasks") -> list[str]:
-    """Validate a list of task codes: known, no duplicates, at least one. Returns them as a list.
+def check_task_codes(codes: Iterable[str], field: str = "tasks", table: TaskTable = TASKS) -> list[str]:
+    """Validate a list of task codes: known in ``table``, no duplicates, at least one. Returns them as a list.
 
     Raises :class:`ConfigError` naming ``field`` and the offending code.
     """
@@ -56,31 +105,31 @@ def check_task_codes(codes: Iterable[str], field: str = "tasks") -> list[str]:
         raise ConfigError(f"{field}: at least one task is required")
     seen: set[str] = set()
     for code in out:
-        if code not in TASKS:
-            raise ConfigError(f"{field}: unknown task code {code!r} (known: {', '.join(TASK_CODES)})")
+        if code not in table:
+            raise ConfigError(f"{field}: unknown task code {code!r} (known: {', '.join(table)})")
         if code in seen:
             raise ConfigError(f"{field}: task code {code!r} listed twice")
         seen.add(code)
     return out
 
 
-def resolve_task_categories(coco: "COCO", code: str, source: str) -> tuple[int, int, int]:
-    """COCO category ids of a task's three classes, looked up by exact name in ``coco``.
+def resolve_task_categories(coco: "COCO", code: str, source: str, table: TaskTable = TASKS) -> tuple[int, ...]:
+    """COCO category ids of a task's classes (``table[code]``), looked up by exact name in ``coco``.
 
     ``source`` names the annotation file for the error message. A class name the file does not
     define raises :class:`DataError` (``<file>: categories: no category named 'x' (task T)``).
     """
     ids: list[int] = []
-    for name in TASKS[code]:
+    for name in table[code]:
         found = coco.getCatIds(catNms=[name])
         # getCatIds matches names exactly, but a file may define a name twice; that is malformed
         if len(found) != 1:
             what = "no category" if not found else f"{len(found)} categories"
             raise DataError(f"{source}: categories: {what} named {name!r} (task {code})")
         ids.append(int(found[0]))
-    return ids[0], ids[1], ids[2]
+    return tuple(ids)
 
 
-def task_classes(codes: Sequence[str]) -> list[str]:
+def task_classes(codes: Sequence[str], table: TaskTable = TASKS) -> list[str]:
     """All class names of the given tasks, in task then channel order."""
-    return [name for code in codes for name in TASKS[code]]
+    return [name for code in codes for name in table[code]]

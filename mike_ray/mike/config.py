@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from mike_ray.config_base import StrictModel
 from mike_ray.data.query import QueryConfig
-from mike_ray.data.tasks import TASK_CODES, TASKS
+from mike_ray.data.tasks import TASK_CODES, table_of
 from mike_ray.mike.schedules import ScheduleConfig
 from mike_ray.zoo import TeacherPlacement
 
@@ -62,10 +62,12 @@ class DownstreamConfig(StrictModel):
 
     @field_validator("tasks")
     @classmethod
-    def _known(cls, v: list[str]) -> list[str]:
-        bad = [t for t in v if t not in TASKS]
+    def _known(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        table = table_of(info)
+        bad = [t for t in v if t not in table]
         if bad or not v:
-            raise ValueError(f"unknown task {bad[0]!r}" if bad else "at least one task is required")
+            raise ValueError(f"unknown task {bad[0]!r} (known: {', '.join(table)})" if bad
+                             else "at least one task is required")
         return v
 
 
@@ -90,12 +92,13 @@ class ZooConfig(TeacherPlacement):
 
     @field_validator("tasks")
     @classmethod
-    def _known_tasks(cls, v: list[str]) -> list[str]:
+    def _known_tasks(cls, v: list[str], info: ValidationInfo) -> list[str]:
         if not v:
             raise ValueError("at least one task is required")
-        unknown = [t for t in v if t not in TASKS]
+        table = table_of(info)
+        unknown = [t for t in v if t not in table]
         if unknown:
-            raise ValueError(f"unknown task {unknown[0]!r} (known: {', '.join(TASK_CODES)})")
+            raise ValueError(f"unknown task {unknown[0]!r} (known: {', '.join(table)})")
         if len(set(v)) != len(v):
             raise ValueError("tasks repeat")
         return v
@@ -195,9 +198,10 @@ class TeacherEntry(StrictModel):
 
     @field_validator("task")
     @classmethod
-    def _task(cls, v: str | None) -> str | None:
-        if v is not None and v not in TASKS:
-            raise ValueError(f"unknown task {v!r} (known: {', '.join(TASK_CODES)}; or leave it out: the teacher "
+    def _task(cls, v: str | None, info: ValidationInfo) -> str | None:
+        table = table_of(info)
+        if v is not None and v not in table:
+            raise ValueError(f"unknown task {v!r} (known: {', '.join(table)}; or leave it out: the teacher "
                              f"sees every query row)")
         return v
 

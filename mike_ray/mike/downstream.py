@@ -1,7 +1,7 @@
 """Downstream evaluation (paper §4.2): freeze the encoder, retrain the decoder as a segmenter.
 
 For each task the autoencoder's decoder is retrained (from its trained weights, or re-initialised)
-to output the task's 3-channel mask from the frozen embedding, trained on the task's train split.
+to output the task's mask (one map per class) from the frozen embedding, trained on the task's train split.
 It is scored on two held-out splits (by image id): **val**, which selects configurations (the Tune
 objective, "best per subset"), and **test**, which the summary table, the radar charts and
 docs/results.md report. Each score is IoU and IoU ÷ that task's teacher IoU on the same split
@@ -16,22 +16,22 @@ from typing import Any, Mapping
 
 import torch
 
-from mike_ray.data.tasks import TASK_CODES
 from mike_ray.metrics import IoUMeter, segmentation_loss
 from mike_ray.mike.config import DownstreamConfig
 from mike_ray.utils import limit_threads, resolve_device, seed_everything
 
 
-def _embed(encoder: torch.nn.Module, loader, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen encoder → (z: N×C×h×w, mask: N×3×H×W), computed once (the encoder never changes)."""
+def _embed(encoder: torch.nn.Module, loader, device, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen encoder → (z: N×C×h×w, mask: N×k×H×W, the task's k classes), computed once (the
+    encoder never changes)."""
     zs, ms = [], []
     with torch.no_grad():
         for batch in loader:
             zs.append(encoder(batch["image"].to(device)).cpu())
-            ms.append(batch["mask"])
+            ms.append(batch["mask"][:, :k])
     if not zs:  # a split without rows for this task (scored NaN, never an error)
         size = loader.dataset.manifest.image_size
-        return encoder(torch.zeros(1, 3, size, size, device=device)).cpu()[:0], torch.zeros(0, 3, size, size)
+        return encoder(torch.zeros(1, 3, size, size, device=device)).cpu()[:0], torch.zeros(0, k, size, size)
     return torch.cat(zs), torch.cat(ms)
 
 
@@ -43,24 +43,28 @@ def train_downstream(task: str, model_spec: Mapping[str, Any], state: Mapping[st
     "seconds"}``; the test values are NaN when the task has no test rows.
     """
     from mike_ray.data.loaders import ShardDataset, make_loader
+    from mike_ray.data.shards import read_manifest
     from mike_ray.models import build_model
 
     limit_threads(cfg.threads)
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()
-    gen = seed_everything(cfg.seed + 1000 * TASK_CODES.index(task))
+    man = read_manifest(data_root)
+    k = len(man.classes(task))  # the task's classes: the decoder's output maps
+    gen = seed_everything(cfg.seed + 1000 * man.task_id(task))
     ae = build_model(dict(model_spec), imports="any")  # the sweep's transfer.model
     ae.load_state_dict(dict(state))
     ae.to(device)
     if cfg.reinit_decoder:
         ae.reset_decoder(cfg.seed)
+    ae.set_out_channels(k, cfg.seed)  # a task of other than 3 classes: a new output conv
     ae.encoder.eval().requires_grad_(False)
 
     train_dl = make_loader(ShardDataset(data_root, "train", [task], limit=cfg.max_train_samples, seed=cfg.seed),
                            256, shuffle=False)
-    z_train, m_train = _embed(ae.encoder, train_dl, device)
+    z_train, m_train = _embed(ae.encoder, train_dl, device, k)
     held_out = {split: _embed(ae.encoder, make_loader(ShardDataset(data_root, split, [task]), 256, shuffle=False),
-                              device) for split in ("val", "test")}
+                              device, k) for split in ("val", "test")}
 
     # the decoder now outputs mask logits instead of an RGB image (same topology, paper §4.2)
     params = [p for p in ae.parameters() if p.requires_grad]
@@ -80,14 +84,14 @@ def train_downstream(task: str, model_spec: Mapping[str, Any], state: Mapping[st
     ae.decoder.eval()
     out: dict[str, Any] = {"task": task}
     for split, (z, m) in held_out.items():
-        meter = IoUMeter(3)
+        meter = IoUMeter(k)
         with torch.no_grad():
             for i in range(0, len(z), 256):
                 meter.update(ae.decode(z[i:i + 256].to(device)), m[i:i + 256].to(device))
         key = "" if split == "val" else "test_"
         empty = len(z) == 0
         out[f"{key}iou"] = math.nan if empty else meter.mean()
-        out[f"{key}iou_per_class"] = [math.nan] * 3 if empty else meter.per_class()
+        out[f"{key}iou_per_class"] = [math.nan] * k if empty else meter.per_class()
     out["test_rows"] = len(held_out["test"][0])
     out["seconds"] = time.perf_counter() - t0
     return out

@@ -187,7 +187,7 @@ def task_mask(task_ids: Tensor, teacher_task_id: int | None) -> Tensor:
     """Query mask for one teacher (paper §4.1).
 
     Args:
-        task_ids: ``[B]`` int64, each sample's task id (index into ``TASK_CODES``).
+        task_ids: ``[B]`` int64, each sample's task id (its index in the data's task table).
         teacher_task_id: the task the teacher was trained on, or ``None`` to switch masking off.
 
     Returns:

@@ -25,7 +25,7 @@ from typing import Any, Collection
 
 import torch
 
-from mike_ray.data.tasks import TASK_CODES, TASKS
+from mike_ray.data.tasks import TASKS
 from mike_ray.errors import DataError, ModelError, one_line
 from mike_ray.metrics import IoUMeter, prevalence_iou
 from mike_ray.tracking import LazyParentRun, Tracking
@@ -108,9 +108,11 @@ def train_teacher(task: str, data_root: Path, cfg: ZooConfig, out_dir: Path) -> 
     limit_threads(cfg.threads)
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()
-    seed_everything(cfg.train.seed + TASK_CODES.index(task))
-
     train_ds = ShardDataset(data_root, "train", [task], limit=cfg.train.max_train_samples, seed=cfg.train.seed)
+    man = train_ds.manifest
+    classes = list(man.classes(task))
+    k = len(classes)  # the teacher's output channels; a dataset's masks are as wide as its widest task
+    seed_everything(cfg.train.seed + man.task_id(task))
     val_ds = ShardDataset(data_root, "val", [task])
     test_ds = ShardDataset(data_root, "test", [task])  # may be empty (tiny data): test IoU is then NaN
     for split, ds in (("train", train_ds), ("val", val_ds)):
@@ -121,17 +123,17 @@ def train_teacher(task: str, data_root: Path, cfg: ZooConfig, out_dir: Path) -> 
     val_dl = make_loader(val_ds, 256, shuffle=False)
     test_dl = make_loader(test_ds, 256, shuffle=False)
 
-    spec = {**cfg.model, "num_classes": 3}
+    spec = {**cfg.model, "num_classes": k}
     model = build_model(spec, imports="any").to(device)  # the sweep's zoo.model
     taps = tap_names(model, cfg.taps)
 
     def evaluate(loader: torch.utils.data.DataLoader | None = None) -> IoUMeter:
         """IoU of the current model on ``loader`` (default: val); an empty loader gives NaN IoUs."""
         model.eval()
-        meter = IoUMeter(3)
+        meter = IoUMeter(k)
         with torch.no_grad():
             for batch in (val_dl if loader is None else loader):
-                meter.update(model(batch["image"].to(device)), batch["mask"].to(device))
+                meter.update(model(batch["image"].to(device)), batch["mask"][:, :k].to(device))
         return meter
 
     untrained = evaluate().mean()
@@ -141,11 +143,11 @@ def train_teacher(task: str, data_root: Path, cfg: ZooConfig, out_dir: Path) -> 
     loss_fn = torch.nn.BCEWithLogitsLoss()
     history: list[dict[str, float]] = []
     for epoch in range(cfg.train.epochs):
-        # one epoch of per-pixel, per-class (multi-label) BCE on the task's 3-channel masks
+        # one epoch of per-pixel, per-class (multi-label) BCE on the task's masks (one channel per class)
         model.train()
         total, n = 0.0, 0
         for batch in train_dl:
-            x, y = batch["image"].to(device), batch["mask"].to(device)
+            x, y = batch["image"].to(device), batch["mask"][:, :k].to(device)
             loss = loss_fn(model(x), y)
             if not torch.isfinite(loss):
                 raise ModelError(f"teacher '{task}': non-finite training loss at epoch {epoch}")
@@ -160,8 +162,7 @@ def train_teacher(task: str, data_root: Path, cfg: ZooConfig, out_dir: Path) -> 
 
     meter = evaluate()
     test_meter = evaluate(test_dl)  # measured once, never used to choose anything
-    classes = list(TASKS[task])
-    chance = prevalence_iou(torch.cat([b["mask"] for b in val_dl]))
+    chance = prevalence_iou(torch.cat([b["mask"][:, :k] for b in val_dl]))
     rec = TeacherRecord(
         name=task, task=task, classes=classes, model=spec, taps=taps,
         val_iou={c: v for c, v in zip(classes, meter.per_class())}, val_miou=meter.mean(),

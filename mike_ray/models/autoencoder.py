@@ -135,6 +135,17 @@ class AutoEncoder(nn.Module):
         """
         seeded_init(self.decoder, seed)
 
+    def set_out_channels(self, channels: int, seed: int | None = None) -> None:
+        """Make ``decode`` produce ``channels`` maps: a task with other than 3 classes (a ``tasks:``
+        table) gets a new, seeded output conv; the rest of the decoder is kept. No-op when equal."""
+        check_int("autoencoder", "out_channels", channels, 1)
+        if channels == self.decoder.out.out_channels:
+            return
+        out = nn.Conv2d(self.width, channels, kernel_size=3, padding=1).to(self.decoder.out.weight.device)
+        seeded_init(out, seed)
+        self.decoder.out = out
+        self._out = channels
+
 
 def paper_autoencoder(embed_channels: int = 2) -> AutoEncoder:
     """The paper-sized student: 3×3 conv + 8 MBConv + 1×1 conv to C×8×8 (C=2: 128 numbers), mirrored."""

@@ -103,7 +103,8 @@ def mike_trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
             # --- transfer: shards in this trial's placement group, workers in Train's own -------
             shards = None
             if tcfg.method == "mike":
-                refs = teacher_refs(ctx.zoo_dir, teachers, ctx.import_archs, ctx.settings.teachers)
+                refs = teacher_refs(ctx.zoo_dir, teachers, ctx.import_archs, ctx.settings.teachers,
+                                    read_manifest(ctx.data_root).table)
                 auto = ctx.placement.teachers_per_shard == "auto"
                 shards = MikeShardPool(refs, ctx.placement, placement_group=ray.util.get_current_placement_group(),
                                     first_bundle=1, shares=query_shares(ctx.data_root, query) if auto and query else None,
@@ -220,7 +221,7 @@ def list_teachers(cfg: SweepConfig, sweep_file: str | Path) -> list:
                                                  cfg.data.prepare.image_size)}
     except ModelError as err:
         raise ModelError(f"{sweep_file}: {err}") from None
-    zoo = {n: describe_zoo_teacher(n, {**cfg.zoo.model, "num_classes": 3}, cfg.zoo.taps, "zoo")
+    zoo = {n: describe_zoo_teacher(n, {**cfg.zoo.model, "num_classes": len(cfg.task_table[n])}, cfg.zoo.taps, "zoo")
            for n in named if n not in cfg.teachers}
     return [own.get(n) or zoo[n] for n in named]
 
@@ -337,7 +338,6 @@ def _shard_plan(cfg: SweepConfig) -> list[str]:
     """``teachers_per_shard: auto``: each searched subset's shards, balanced by expected work (the
     zoo's model FLOPs × its task's share; shares are taken as equal here — the trial balances on the
     prepared data's actual counts and logs its plan as the ``shards`` parameter)."""
-    from mike_ray.data.tasks import TASKS
     from mike_ray.pool import describe_plan, forward_flops, partition
 
     p = cfg.resources.placement
@@ -353,7 +353,7 @@ def _shard_plan(cfg: SweepConfig) -> list[str]:
         for t in teachers:
             if t not in flops:  # the sweep's own specs
                 flops[t] = entry_flops(t, cfg.teachers[t]) if t in cfg.teachers else \
-                    forward_flops({**cfg.zoo.model, "num_classes": len(TASKS[t])}, imports="any")
+                    forward_flops({**cfg.zoo.model, "num_classes": len(cfg.task_table[t])}, imports="any")
             own = cfg.teachers[t].task if t in cfg.teachers else t
             work.append(flops[t] * (1.0 if own is None or not cfg.transfer.masking else 1.0 / len(tasks)))
         plan = describe_plan(partition(teachers, "auto", work, p.num_shards), work, teachers)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
-from mike_ray.data.tasks import TASK_CODES
+from mike_ray.data.tasks import TASKS
 from mike_ray.errors import ConfigError
 from mike_ray.mike.config import TeacherEntry
 from mike_ray.mike.train import CKPT_FILE, TransferConfig, train_fn_per_worker
@@ -32,23 +32,26 @@ class TransferResult:
 
 
 def teacher_refs(zoo_dir: Path, names: Sequence[str], imports: Sequence[str] = (),
-                 entries: Mapping[str, TeacherEntry] | None = None) -> list[TeacherRef]:
+                 entries: Mapping[str, TeacherEntry] | None = None,
+                 table: Mapping[str, Sequence[str]] = TASKS) -> list[TeacherRef]:
     """Teacher names → shard references: a ``teachers:`` entry of the sweep (``entries``) by its own
     name, else the zoo teacher of that name; each masks to its task (an entry without one scores
-    every row). ``imports``: the import-path archs the running sweep file names
-    (``import_archs``), the only ones a stored record may use."""
+    every row), by the task's id in ``table`` (the query data's task table, :attr:`Manifest.table`).
+    ``imports``: the import-path archs the running sweep file names (``import_archs``), the only
+    ones a stored record may use."""
     from mike_ray.mike.zoo import read_teacher
 
     entries = entries or {}
+    codes = list(table)
     refs = []
     for n in names:
         if n in entries:
             e = entries[n]
-            refs.append(TeacherRef(name=n, path=e.weights, task_id=None if e.task is None else TASK_CODES.index(e.task),
+            refs.append(TeacherRef(name=n, path=e.weights, task_id=None if e.task is None else codes.index(e.task),
                                    imports=tuple(sorted(imports)), entry=e.model_dump(mode="json")))
             continue
         rec = read_teacher(Path(zoo_dir) / n)
-        refs.append(TeacherRef(name=n, path=str(Path(zoo_dir) / n), task_id=TASK_CODES.index(rec.task),
+        refs.append(TeacherRef(name=n, path=str(Path(zoo_dir) / n), task_id=codes.index(rec.task),
                                imports=tuple(sorted(imports))))
     return refs
 
@@ -61,7 +64,7 @@ def query_shares(data_root: str | Path, tasks: Sequence[str]) -> dict[int, float
     man = read_manifest(data_root)  # counts only: the workers check the shards themselves
     rows = {t: man.rows("train", t) for t in dict.fromkeys(tasks)}
     total = sum(rows.values()) or 1
-    return {TASK_CODES.index(t): n / total for t, n in rows.items()}
+    return {man.task_id(t): n / total for t, n in rows.items()}
 
 
 def run_transfer(cfg: TransferConfig, teachers: Sequence[TeacherRef], data_root: str | Path,
