@@ -14,10 +14,10 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from mike_ray.config_base import StrictModel, load_yaml, validate
+from mike_ray.config_base import StrictModel, deep_merge, load_yaml, validate  # noqa: F401 (deep_merge: re-exported)
 from mike_ray.data.sources import ClassificationData
 from mike_ray.data.coco import PrepareConfig
-from mike_ray.data.tasks import TASKS, check_task_table
+from mike_ray.data.tasks import TASKS, check_task_table, table_defaults
 from mike_ray.errors import ConfigError
 from mike_ray.mike.config import DownstreamConfig, QueryConfig, TeacherEntry, TransferConfig, ZooConfig, query_tasks
 from mike_ray.mhgd.config import METHODS as MHGD_METHODS
@@ -270,30 +270,7 @@ class SweepConfig(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _task_table_defaults(cls, data: Any) -> Any:
-        """A ``tasks:`` table is the prepared data's ``task_table`` and the default of ``zoo.tasks``,
-        ``downstream.tasks`` and ``data.prepare.tasks`` (every task of the table)."""
-        if not isinstance(data, dict) or data.get("tasks") is None:
-            return data
-        try:
-            check_task_table(data["tasks"])
-        except ConfigError:
-            return data  # the field validator reports it, alone
-        codes = list(data["tasks"])
-        data = dict(data)
-        sections = {"data": dict(data.get("data") or {})} if isinstance(data.get("data") or {}, dict) else {}
-        if sections and isinstance(sections["data"].get("prepare") or {}, dict):
-            prep = dict(sections["data"].get("prepare") or {})
-            if prep.get("task_table") not in (None, data["tasks"]):
-                raise ValueError("data.prepare.task_table: differs from the sweep's tasks: section (give the "
-                                 "table once, as tasks:)")
-            prep["task_table"] = data["tasks"]
-            prep.setdefault("tasks", codes)
-            sections["data"]["prepare"] = prep
-            data["data"] = sections["data"]
-        for name in ("zoo", "downstream"):
-            if isinstance(data.get(name) or {}, dict):
-                data[name] = {"tasks": codes, **(data.get(name) or {})}
-        return data
+        return table_defaults(data)
 
     @field_validator("tasks")
     @classmethod
@@ -404,16 +381,10 @@ class SweepConfig(StrictModel):
     def _check_table_on_generated_data(self) -> None:
         """A ``tasks:`` table on the generated default names only categories it draws (a user's COCO
         files are checked when the data is prepared: ``<file>: categories: no category named …``)."""
-        if self.tasks is None or self.data.source != "generated":
-            return
-        from mike_ray.data.synth import COCO_CATEGORIES
+        if self.tasks is not None and self.data.source == "generated":
+            from mike_ray.data.synth import check_drawn
 
-        drawn = [name for _, name, _ in COCO_CATEGORIES]
-        for code, names in self.tasks.items():
-            missing = [n for n in names if n not in drawn]
-            if missing:
-                raise ValueError(f"tasks.{code}: {missing[0]!r} is not a category of the generated data (it draws: "
-                                 f"{', '.join(drawn)}); or use data.source: coco")
+            check_drawn(self.tasks)
 
     def _check_own_teachers(self) -> None:
         """``teachers:`` entries: names that make metric paths, no clash with a zoo teacher's task
@@ -581,14 +552,6 @@ class SweepConfig(StrictModel):
 
     def output_dir(self) -> Path:
         return Path(self.output).resolve()
-
-
-def deep_merge(base: dict[str, Any], diff: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``diff`` merged in (mappings recursively, everything else replaced)."""
-    out = dict(base)
-    for k, v in diff.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None, profile: str | None = None) -> SweepConfig:

@@ -168,6 +168,14 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], source
     return f"{source}: {path}: {msg}{tail}"
 
 
+def deep_merge(base: dict[str, Any], diff: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``diff`` merged in (mappings recursively, everything else replaced)."""
+    out = dict(base)
+    for k, v in diff.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def validate(model: type[M], data: Any, source: str = "config") -> M:
     """Validate ``data`` into ``model`` or raise :class:`ConfigError` with a one-line message."""
     try:

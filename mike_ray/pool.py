@@ -125,7 +125,8 @@ def start_shard_actors(cls: type, args: Sequence[tuple], placement: PlacementCon
         raise ValueError(f"start_shard_actors: concurrency must be ≥ 1, got {concurrency}")
     actor = ray.remote(cls)
     base = dict(num_cpus=placement.cpus_per_shard, num_gpus=placement.gpus_per_shard,
-                max_restarts=placement.max_restarts, max_task_retries=0, max_concurrency=concurrency)
+                max_restarts=placement.max_restarts, max_task_retries=0, max_concurrency=concurrency,
+                **({"resources": dict(placement.resources)} if placement.resources else {}))
     shards = []
     for i, a in enumerate(args):
         opts = dict(base)

@@ -7,9 +7,25 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from mike_ray.config_base import StrictModel
+
+
+# Ray's own resource names: a custom resource must not shadow them
+_BUILTIN = {"CPU": "cpus_per_", "GPU": "gpus_per_", "memory": None, "object_store_memory": None}
+
+
+def _check_custom(v: dict[str, float], unit: str) -> dict[str, float]:
+    """Custom resources: names Ray does not define itself, amounts ≥ 0 (CPU/GPU have their own fields)."""
+    for name, amount in v.items():
+        if name in _BUILTIN:
+            field = f"{_BUILTIN[name]}{unit}" if _BUILTIN[name] else None
+            raise ValueError(f"'{name}' is not a custom resource" + (f": use {field}" if field else ""))
+        if not amount >= 0:
+            raise ValueError(f"'{name}': {amount}, an amount must be ≥ 0")
+    return v
+
 
 
 class PlacementConfig(StrictModel):
@@ -27,6 +43,9 @@ class PlacementConfig(StrictModel):
     num_shards: int = Field(2, ge=1)
     cpus_per_shard: float = Field(1.0, ge=0)
     gpus_per_shard: float = Field(0.0, ge=0)
+    # custom Ray resources each shard also takes, e.g. {teacher_shard: 1}: only nodes that offer it
+    # (cluster/aws.yaml's teacher_gpu) can hold a shard, and the autoscaler launches such a node for it
+    resources: dict[str, float] = Field(default_factory=dict)
     threads: int = Field(1, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = False  # bf16 autocast for teacher forwards; the loss and its gradient stay float32
@@ -41,6 +60,11 @@ class PlacementConfig(StrictModel):
     # teachers, which on a cold node means imports and weights: many seconds)
     restart_timeout_s: float = Field(300.0, gt=0)
 
+    @field_validator("resources")
+    @classmethod
+    def _custom(cls, v: dict[str, float]) -> dict[str, float]:
+        return _check_custom(v, "shard")
+
 
 class WorkersConfig(StrictModel):
     """Trainer workers (DDP): how many, and what each takes."""
@@ -48,4 +72,12 @@ class WorkersConfig(StrictModel):
     num_workers: int = Field(1, gt=0)
     cpus_per_worker: float = Field(0.5, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
+    # custom Ray resources each trainer worker also takes, e.g. {trainer: 1} (cluster/aws.yaml's trainer_gpu)
+    resources: dict[str, float] = Field(default_factory=dict)
     max_failures: int = Field(1, ge=0)  # worker-group restarts from the last checkpoint
+
+    @field_validator("resources")
+    @classmethod
+    def _custom(cls, v: dict[str, float]) -> dict[str, float]:
+        return _check_custom(v, "worker")
+

@@ -71,6 +71,17 @@ COCO_CATEGORIES: list[tuple[int, str, str]] = [
 ]
 N_TASK_CLASSES = 33
 
+
+def check_drawn(table: dict[str, list[str]]) -> None:
+    """Every category name of a task table is one the generated data draws (ValueError naming the
+    task and the name otherwise: such a task would have no crops)."""
+    drawn = [name for _, name, _ in COCO_CATEGORIES]
+    for code, names in table.items():
+        missing = [n for n in names if n not in drawn]
+        if missing:
+            raise ValueError(f"tasks.{code}: {missing[0]!r} is not a category of the generated data (it draws: "
+                             f"{', '.join(drawn)}); or use data.source: coco")
+
 SHAPES = ("ellipse", "rectangle", "triangle", "star", "hexagon", "cross", "lshape", "crescent", "arrow")
 TEXTURES = ("stripes", "checker", "dots", "rings", "noise", "gradient")
 

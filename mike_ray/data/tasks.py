@@ -133,3 +133,30 @@ def resolve_task_categories(coco: "COCO", code: str, source: str, table: TaskTab
 def task_classes(codes: Sequence[str], table: TaskTable = TASKS) -> list[str]:
     """All class names of the given tasks, in task then channel order."""
     return [name for code in codes for name in table[code]]
+
+
+def table_defaults(data: Any) -> Any:
+    """A raw sweep (a mapping) with its ``tasks:`` table applied: the table becomes the prepared
+    data's ``data.prepare.task_table`` and the default of ``data.prepare.tasks``, ``zoo.tasks`` and
+    ``downstream.tasks`` (every task of the table). Anything else (no table, a bad one, a section of
+    the wrong type) is returned as it is: the sweep's validators report it, with its path."""
+    if not isinstance(data, dict) or data.get("tasks") is None:
+        return data
+    try:
+        check_task_table(data["tasks"])
+    except ConfigError:
+        return data
+    codes = list(data["tasks"])
+    data = dict(data)
+    if isinstance(data.get("data") or {}, dict) and isinstance((data.get("data") or {}).get("prepare") or {}, dict):
+        section = dict(data.get("data") or {})
+        prep = dict(section.get("prepare") or {})
+        if prep.get("task_table") not in (None, data["tasks"]):
+            raise ValueError("data.prepare.task_table: differs from the sweep's tasks: section (give the table "
+                             "once, as tasks:)")
+        section["prepare"] = {**prep, "task_table": data["tasks"], "tasks": prep.get("tasks", codes)}
+        data["data"] = section
+    for name in ("zoo", "downstream"):
+        if isinstance(data.get(name) or {}, dict):
+            data[name] = {"tasks": codes, **(data.get(name) or {})}
+    return data

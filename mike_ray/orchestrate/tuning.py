@@ -65,7 +65,8 @@ def trial_resources(cfg: SweepConfig, family: Family, methods: list[str], n_teac
     bundles = [{"CPU": max(cfg.resources.trial_cpus, 0.01)}]
     p = cfg.resources.placement
     if p.mode == "ray" and any(m not in family.teacherless for m in methods):
-        shard = {"CPU": p.cpus_per_shard, **({"GPU": p.gpus_per_shard} if p.gpus_per_shard else {})}
+        shard = {"CPU": p.cpus_per_shard, **({"GPU": p.gpus_per_shard} if p.gpus_per_shard else {}),
+                 **p.resources}
         bundles += [dict(shard) for _ in range(_shard_count(cfg, n_teachers))]
     return PlacementGroupFactory(bundles, strategy="PACK")
 
