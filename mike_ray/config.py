@@ -7,6 +7,7 @@ full defaults, so a sweep file is a small diff on top of them (DINOv2-style).
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import re
 from pathlib import Path
@@ -194,6 +195,7 @@ class ResourcesConfig(StrictModel):
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     trial_cpus: float = Field(0.0, ge=0)  # the trial driver only waits on others
+    trial_on_head: bool = True  # else Train's controller (and its detached coordinator) can pin a GPU node
     ray_address: str | None = None  # None: $RAY_ADDRESS or a new local instance
     num_cpus: int | None = Field(None, ge=1)  # logical CPUs of a new local instance
 
@@ -260,10 +262,8 @@ class SweepConfig(StrictModel):
         """Validate a sweep; task codes anywhere in it are checked against its ``tasks:`` table (passed
         to every nested validator as the validation context, :func:`mike_ray.data.tasks.table_of`)."""
         if context is None and isinstance(obj, dict) and obj.get("tasks") is not None:
-            try:
+            with contextlib.suppress(ConfigError):  # a bad table: its field validator reports it, with its path
                 context = {"tasks": check_task_table(obj["tasks"])}
-            except ConfigError:
-                pass  # the field validator reports it, with its path
         return super().model_validate(obj, strict=strict, from_attributes=from_attributes, context=context,
                                       **kwargs)
 
@@ -379,12 +379,11 @@ class SweepConfig(StrictModel):
         return self
 
     def _check_table_on_generated_data(self) -> None:
-        """A ``tasks:`` table on the generated default names only categories it draws (a user's COCO
-        files are checked when the data is prepared: ``<file>: categories: no category named …``)."""
-        if self.tasks is not None and self.data.source == "generated":
-            from mike_ray.data.synth import check_drawn
+        """A ``tasks:`` table on the generated data names categories it draws (a COCO source's files
+        are checked when the data is prepared)."""
+        from mike_ray.data.synth import check_drawn
 
-            check_drawn(self.tasks)
+        check_drawn(self.tasks) if self.tasks is not None and self.data.source == "generated" else None
 
     def _check_own_teachers(self) -> None:
         """``teachers:`` entries: names that make metric paths, no clash with a zoo teacher's task

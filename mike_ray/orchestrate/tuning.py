@@ -62,7 +62,9 @@ def trial_resources(cfg: SweepConfig, family: Family, methods: list[str], n_teac
     the Tuner's ``methods`` needs teachers: a Tuner's trials share one resource shape)."""
     from ray.tune import PlacementGroupFactory
 
-    bundles = [{"CPU": max(cfg.resources.trial_cpus, 0.01)}]
+    # the driver's bundle: on the head (a sliver of the resource only a head has) unless told otherwise
+    bundles = [{"CPU": max(cfg.resources.trial_cpus, 0.01),
+                **({"node:__internal_head__": 0.001} if cfg.resources.trial_on_head else {})}]
     p = cfg.resources.placement
     if p.mode == "ray" and any(m not in family.teacherless for m in methods):
         shard = {"CPU": p.cpus_per_shard, **({"GPU": p.gpus_per_shard} if p.gpus_per_shard else {}),
