@@ -1,20 +1,22 @@
-"""The autoscaler serves a sweep: a simulated GPU cluster that scales from zero, loses a node, and finishes.
+"""The autoscaler serves the main job: a simulated GPU cluster that scales from zero, loses a node, finishes.
 
 Ray's fake multi-node provider (``RAY_FAKE_CLUSTER``: worker "nodes" are local raylets with the
 resources their type declares, GPUs as logical resources) runs the autoscaler for real. The worker
 node types are read from the shipped ``cluster/aws.yaml`` — same names, same resource shapes, CPUs
 scaled down to one per node, min 0 — so a change there that breaks scheduling breaks this test. The
-head is CPU-only, as in aws.yaml.
+head is CPU-only, as in aws.yaml, with token authentication on.
 
-One smoke sweep (demo.yaml's, one MIKE trial of four short transfer epochs) asks for those nodes: each
-teacher shard takes a (logical) GPU and ``teacher_shard: 1`` (only ``teacher_gpu`` nodes have it),
-each trainer worker ``trainer: 1`` (only ``trainer_gpu``). Trainer workers ask for no GPU here: Ray
-Train binds a worker holding a GPU to CUDA (NCCL, a cuda device), which a CPU-only machine cannot
-give; shards run on the CPU when CUDA is absent. Asserted from Ray's own state: worker nodes are
-launched for the pending trial, the ``teacher_gpu`` node holding the shards is killed mid-transfer
-(its raylet SIGKILLed, as a preempted spot instance vanishes), the autoscaler launches a replacement,
-the shards restart there and the trial finishes with one MLflow run; the nodes are released after
-the idle timeout. What it cost is printed (steps re-sent, seconds).
+The user's path: ``ray job submit -- python -m mike_ray.sweep sweeps/teacher_subsets.yaml`` (its
+smoke profile: one 3-teacher MIKE trial of four short transfer epochs; the working-dir upload is
+tests/test_job_submit.py's). Each teacher shard takes a (logical) GPU and ``teacher_shard: 1`` (only ``teacher_gpu``
+nodes have it), the trainer worker ``trainer: 1`` (only ``trainer_gpu``). Trainer workers ask for no
+GPU here: Ray Train binds a worker holding a GPU to CUDA (NCCL, a cuda device), which a CPU-only
+machine cannot give; shards run on the CPU when CUDA is absent. Asserted from Ray's own state: worker
+nodes are launched for the pending trial; once the transfer has checkpointed an epoch, the
+``teacher_gpu`` node holding the shards is killed (its raylet SIGKILLed, as a preempted spot instance
+vanishes); the autoscaler launches a replacement, the shards restart there, the lost steps are sent
+again, and the trial finishes with one MLflow run; every worker node is released after the idle
+timeout. What it cost is printed (steps re-sent, seconds).
 """
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from conftest import check_score_metrics
+from mike_ray.config import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -122,7 +127,7 @@ def test_an_autoscaling_cluster_serves_a_sweep_loses_a_node_and_releases_its_nod
                                   "runtime-env-agent-port", "metrics-export-port")),
                               f"--system-config={json.dumps(system)}", f"--temp-dir={ray_tmp}"],
                              env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
-                             start_new_session=True)
+                             start_new_session=True, cwd=ROOT)  # the job's entrypoint runs here
     out = tmp_path / "out"
     seen: dict = {"launched": [], "killed": None}
     try:
@@ -133,23 +138,41 @@ def test_an_autoscaling_cluster_serves_a_sweep_loses_a_node_and_releases_its_nod
             time.sleep(1)
         assert _alive_workers(dashboard, env) == []  # scale from zero
 
-        sweep = [sys.executable, "-m", "mike_ray.sweep", str(ROOT / "sweeps" / "demo.yaml"), "--profile", "smoke",
-                 "--set", f"output={out}", "--set", "study.baselines=false", "--set", "study.control=false",
-                 "--set", "transfer.epochs=4", "--set", "transfer.batch_size=8",
-                 "--set", "resources.placement={mode: ray, teachers_per_shard: auto, num_shards: 2, "
-                          "cpus_per_shard: 0.5, gpus_per_shard: 1, resources: {teacher_shard: 1}, threads: 1, "
-                          "restart_timeout_s: 180}",
-                 "--set", "resources.workers={num_workers: 1, cpus_per_worker: 0.5, resources: {trainer: 1}}"]
+        # without the token the job API refuses
+        denied = subprocess.run([str(BIN / "ray"), "job", "list", "--address", dashboard],
+                                env={**env, "RAY_AUTH_TOKEN": "0" * 64}, capture_output=True, text=True)
+        assert denied.returncode != 0
+
+        # the user's main job: `ray job submit -- python -m mike_ray.sweep sweeps/teacher_subsets.yaml` (its
+        # smoke profile, one 3-teacher trial). Without --working-dir (tests/test_job_submit.py covers the
+        # upload): the simulated nodes share one disk, and a node's runtime-env agent deletes the job's
+        # unpacked working dir there when its own reference ends — which cannot happen on real nodes
+        submit = [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--",
+                  "python", "-m", "mike_ray.sweep", "sweeps/teacher_subsets.yaml", "--profile", "smoke",
+                  "--set", f"output={out}", "--set", "study.trials=1", "--set", "study.baselines=false",
+                  "--set", "study.control=false", "--set", "search.teacher_subset=[three]",
+                  "--set", "zoo.tasks=[CTB, DCH, PCS]", "--set", "teacher_subsets={three: [CTB, DCH, PCS]}",
+                  "--set", "transfer.epochs=4", "--set", "transfer.batch_size=8",
+                  "--set", "resources.placement={mode: ray, teachers_per_shard: auto, num_shards: 2, "
+                           "cpus_per_shard: 0.5, gpus_per_shard: 1, resources: {teacher_shard: 1}, threads: 1, "
+                           "restart_timeout_s: 180}",
+                  "--set", "resources.workers={num_workers: 1, cpus_per_worker: 0.5, resources: {trainer: 1}}"]
         t0 = time.time()
-        proc = subprocess.Popen(sweep, env={**env, "RAY_ADDRESS": address}, cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-        reader.start()
+        while True:
+            proc = subprocess.Popen(submit, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True)
+            lines: list[str] = []
+            reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+            reader.start()
+            time.sleep(3)
+            # the job API answers before the head's dashboard agent can take jobs: try again then
+            if proc.poll() is None or "No available agent" not in "".join(lines) or time.time() - t0 > 120:
+                break
+            reader.join(5)
 
         # --- the trial's demand launches worker nodes; once the transfer has written its first
         # checkpoint (an epoch done, the next one running on the shards), the teacher node is killed
-        runs = out / "sweeps" / "demo-smoke" / "runs"
+        runs = out / "sweeps" / "teacher_subsets-smoke" / "runs"
         last_poll, teacher = 0.0, []
         while proc.poll() is None and time.time() - t0 < 600:
             if time.time() - last_poll > 3:  # Ray's view of the nodes (a CLI call: ~1-3 s here)
@@ -167,7 +190,8 @@ def test_an_autoscaling_cluster_serves_a_sweep_loses_a_node_and_releases_its_nod
         proc.wait(timeout=60)
         reader.join(5)
         log = "".join(lines)
-        assert proc.returncode == 0, log[-4000:]
+        assert proc.returncode == 0 and "succeeded" in log.lower(), log[-4000:]
+        assert "sweep 'teacher_subsets-smoke'" in log and "MLflow store" in log
         finished_t = time.time() - t0
 
         # --- the nodes go away after the idle timeout -----------------------------------------------
@@ -200,6 +224,10 @@ def test_an_autoscaling_cluster_serves_a_sweep_loses_a_node_and_releases_its_nod
     exp = client.get_experiment_by_name("mike_ray-smoke").experiment_id
     runs = client.search_runs([exp], "tags.`mike_ray.stage` = 'trial'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED", [(r.info.run_name, r.info.status) for r in runs]
+    assert sorted(runs[0].data.params["teachers"].split(",")) == ["CTB", "DCH", "PCS"]
+    (zoo_dir,) = (out / "zoo").iterdir()
+    check_score_metrics(runs[0].data.metrics, zoo_dir, load_sweep(ROOT / "sweeps" / "teacher_subsets.yaml",
+                                                                  profile="smoke").downstream.tasks)
     retries = runs[0].data.metrics.get("shard/retries_total", 0.0)
     # the loss hit the running transfer: shard steps were sent again once the shards were back
     assert retries >= 1, runs[0].data.metrics
