@@ -18,7 +18,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from mike_ray.config_base import StrictModel, deep_merge, load_yaml, validate  # noqa: F401 (deep_merge: re-exported)
 from mike_ray.data.sources import ClassificationData
 from mike_ray.data.coco import PrepareConfig
-from mike_ray.data.tasks import TASKS, check_task_table, table_defaults
+from mike_ray.data.tasks import check_task_table, resolve_table, table_defaults, table_field
 from mike_ray.errors import ConfigError
 from mike_ray.mike.config import DownstreamConfig, QueryConfig, TeacherEntry, TransferConfig, ZooConfig, query_tasks
 from mike_ray.mhgd.config import METHODS as MHGD_METHODS
@@ -275,17 +275,12 @@ class SweepConfig(StrictModel):
     @field_validator("tasks")
     @classmethod
     def _tasks(cls, v: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
-        if v is None:
-            return v
-        try:
-            return {k: list(names) for k, names in check_task_table(v).items()}
-        except ConfigError as err:  # its message names the entry ("tasks.VEH: …"), shown as it is
-            raise ValueError(str(err)) from None
+        return table_field(v, "tasks")
 
     @property
     def task_table(self) -> dict[str, tuple[str, ...]]:
         """The sweep's task table (code → class names, id order): ``tasks:``, or the paper's 11."""
-        return {k: tuple(v) for k, v in (self.tasks or TASKS).items()}
+        return resolve_table(self.tasks)
 
     @field_validator("teacher_subsets")
     @classmethod
@@ -383,7 +378,8 @@ class SweepConfig(StrictModel):
         are checked when the data is prepared)."""
         from mike_ray.data.synth import check_drawn
 
-        check_drawn(self.tasks) if self.tasks is not None and self.data.source == "generated" else None
+        if self.tasks is not None and self.data.source == "generated":
+            check_drawn(self.tasks)
 
     def _check_own_teachers(self) -> None:
         """``teachers:`` entries: names that make metric paths, no clash with a zoo teacher's task

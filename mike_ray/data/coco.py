@@ -44,7 +44,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from mike_ray.config_base import StrictModel
-from mike_ray.data.tasks import TASKS, check_task_codes, check_task_table, resolve_task_categories
+from mike_ray.data.tasks import TASKS, check_task_codes, resolve_table, resolve_task_categories, table_field
 from mike_ray.data.coco_schema import validate_coco
 from mike_ray.errors import ConfigError, DataError, one_line
 
@@ -84,12 +84,7 @@ class PrepareConfig(StrictModel):
     @field_validator("task_table")
     @classmethod
     def _table(cls, v: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
-        if v is None:
-            return v
-        try:
-            return {k: list(names) for k, names in check_task_table(v, field="task_table").items()}
-        except ConfigError as err:
-            raise ValueError(str(err)) from None  # names the entry: task_table.X: …
+        return table_field(v, "task_table")
 
     @field_validator("tasks")
     @classmethod
@@ -104,7 +99,7 @@ class PrepareConfig(StrictModel):
     @property
     def table(self) -> dict[str, tuple[str, ...]]:
         """The task table (code → class names, in id order): ``task_table``, or the paper's."""
-        return {k: tuple(v) for k, v in (self.task_table or TASKS).items()}
+        return resolve_table(self.task_table)
 
     def key_dump(self) -> dict[str, Any]:
         """What names the prepared data (its config key): the config, without ``task_table`` when it

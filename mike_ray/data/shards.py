@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from mike_ray.config_base import format_validation_error
 from mike_ray.data.coco import (SPLITS, CropRecord, PrepareConfig, annotation_path, count_work, discover_splits,
                                 file_sha256, iter_crops, open_sources)
-from mike_ray.data.tasks import TASKS
+from mike_ray.data.tasks import TASKS, resolve_table
 from mike_ray.errors import ConfigError, DataError, one_line
 
 FORMAT_VERSION = 2  # 2: a test split (test/<TASK>.parquet, counts.test); 1 had train/val only
@@ -85,8 +85,7 @@ class Manifest(BaseModel):
     @property
     def table(self) -> dict[str, tuple[str, ...]]:
         """The data's task table, code → class names in id order (``config.task_table``, or the paper's)."""
-        table = self.config.get("task_table") or TASKS
-        return {k: tuple(v) for k, v in table.items()}
+        return resolve_table(self.config.get("task_table"))
 
     def task_id(self, code: str) -> int:
         """A task's id in this data (its index in :attr:`table`): the ``task_id`` of its rows."""

@@ -79,6 +79,22 @@ def check_task_table(raw: Any, field: str = "tasks") -> dict[str, tuple[str, ...
     return out
 
 
+def resolve_table(table: TaskTable | None) -> dict[str, tuple[str, ...]]:
+    """A stored or configured table (None: the paper's) as code → class-name tuples, in id order."""
+    return {k: tuple(v) for k, v in (table or TASKS).items()}
+
+
+def table_field(v: Any, field: str) -> dict[str, list[str]] | None:
+    """A pydantic validator's body for a task-table field: None stays None; else the checked table
+    (lists), or a ValueError whose one-line message names the entry (``tasks.VEH: …``)."""
+    if v is None:
+        return v
+    try:
+        return {k: list(names) for k, names in check_task_table(v, field=field).items()}
+    except ConfigError as err:
+        raise ValueError(str(err)) from None
+
+
 def table_of(info: Any) -> TaskTable:
     """The task table a pydantic validator checks codes against: the validation context's ``tasks``
     (a sweep file's ``tasks:`` section, passed by :meth:`mike_ray.config.SweepConfig.model_validate`),
