@@ -1,15 +1,17 @@
-"""`ray job submit` of a smoke sweep to a local head started here (token authentication on).
+"""`ray job submit --working-dir .` of the bring-your-own smoke sweep to a local head (token auth on).
 
-This is the user's main-job path: `ray start --head`, then `ray job submit --working-dir . --
-python -m mike_ray.sweep …`. It runs sweeps/teacher_subsets.yaml's smoke profile (the paper's study,
-tiny, on generated data) with its three-teacher subset and a three-teacher zoo: what this test adds is
-the job path (working-dir upload, token authentication, the job's exit status and log), not more
-teachers — mixed batches over several teachers and shards are tested in process (tests/test_mike_step.py,
-tests/test_shards.py) and in the resumed sweep of tests/test_sweep_e2e.py. The eleven-teacher subset
-cost another ~45 s here (an 11-teacher zoo, two shards) and took no other code path.
+This is the user's main-job path: `ray start --head`, then `ray job submit --working-dir . -- …`, with
+the entrypoint the header of sweeps/bring_your_own.yaml gives for its smoke profile: random-weight
+state dicts for the three torchvision teachers written first (`python -m mike_ray.random_teachers`),
+then the sweep. What this test adds is the job path (working-dir upload, token authentication, the
+job's exit status and log) and teachers mike_ray did not train (heterogeneous torchvision models, a
+task of the sweep's own `tasks:` table) in one run: each sweep here costs a Ray start, a zoo and a
+trial's worth of processes, so the two share one. The teacher_subsets main job runs through the job
+API in tests/test_autoscaling.py, on a simulated autoscaling cluster.
 """
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -37,7 +39,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ray_job_submit_runs_a_smoke_sweep_on_a_local_head(tmp_path: Path) -> None:
+def test_ray_job_submit_uploads_and_runs_the_bring_your_own_smoke_sweep_on_a_local_head(tmp_path: Path) -> None:
     import mlflow
 
     gcs, dash = _free_port(), _free_port()
@@ -73,11 +75,12 @@ def test_ray_job_submit_runs_a_smoke_sweep_on_a_local_head(tmp_path: Path) -> No
                                 env={**env, "RAY_AUTH_TOKEN": "0" * 64}, capture_output=True, text=True)
         assert denied.returncode != 0
 
-        submit = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-                  "python", "-m", "mike_ray.sweep", "sweeps/teacher_subsets.yaml", "--profile", "smoke",
-                  "--set", f"output={out}", "--set", "study.trials=1", "--set", "study.baselines=false", "--set", "study.control=false",
-                  "--set", "search.teacher_subset=[three]", "--set", "zoo.tasks=[CTB, DCH, PCS]",
-                  "--set", "teacher_subsets={three: [CTB, DCH, PCS]}"]
+        # the smoke entrypoint of sweeps/bring_your_own.yaml's header; its weights paths are relative,
+        # written and read in the job's unpacked working dir; results go to an absolute output
+        sweep = "sweeps/bring_your_own.yaml --profile smoke"
+        submit = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--", "sh", "-c",
+                  f"python -m mike_ray.random_teachers {sweep} && python -m mike_ray.sweep {sweep} "
+                  f"--set output={out} --set study.control=false"]
         deadline = time.time() + 120
         while True:
             job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -87,7 +90,8 @@ def test_ray_job_submit_runs_a_smoke_sweep_on_a_local_head(tmp_path: Path) -> No
             time.sleep(3)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-2000:]
         assert "succeeded" in job.stdout.lower()
-        assert "sweep 'teacher_subsets-smoke'" in job.stdout and "MLflow store" in job.stdout
+        assert "sweep 'byo-smoke'" in job.stdout and "MLflow store" in job.stdout
+        assert "FAILED" not in job.stdout, job.stdout[-3000:]
     finally:
         # the job has ended and its driver wrote everything; `ray start --block` handles SIGTERM by
         # waiting ~30 s on its children, so the head's process group is killed outright
@@ -95,12 +99,21 @@ def test_ray_job_submit_runs_a_smoke_sweep_on_a_local_head(tmp_path: Path) -> No
         head.wait(30)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
+    # the MIKE trial trained against all three own teachers (each has train and val loss terms, none
+    # a constant 0.0) and its downstream scores were logged
     client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     exp = client.get_experiment_by_name("mike_ray-smoke").experiment_id
-    runs = client.search_runs([exp], "tags.`mike_ray.stage` = 'trial'")
+    runs = client.search_runs([exp], "tags.`mike_ray.method` = 'mike' and tags.`mike_ray.stage` = 'trial'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert runs[0].data.params["teacher_subset"] == "three"
-    assert sorted(runs[0].data.params["teachers"].split(",")) == ["CTB", "DCH", "PCS"]
+    m, params = runs[0].data.metrics, runs[0].data.params
+    assert params["teachers"] == "seg_lraspp,seg_deeplab,cls_resnet18" and params["query_tasks"] == "PHB,DCH,VEH"
+    for name in ("seg_lraspp", "seg_deeplab", "cls_resnet18"):
+        train = [v for k, v in m.items() if k.startswith(f"loss/teacher/{name}/")]
+        val = [v for k, v in m.items() if k.startswith(f"loss/val/teacher/{name}/")]
+        assert train and val and all(v > 0 for v in train + val), (name, sorted(m))
+    # VEH, a task of the sweep's own table, four classes: its zoo teacher and decoder have four maps
+    assert "iou/val/DCH" in m and "iou/test/VEH" in m
     (zoo_dir,) = (out / "zoo").iterdir()
-    check_score_metrics(runs[0].data.metrics, zoo_dir, load_sweep(ROOT / "sweeps" / "teacher_subsets.yaml",
-                                                                  profile="smoke").downstream.tasks)
+    check_score_metrics(m, zoo_dir, load_sweep(ROOT / "sweeps" / "bring_your_own.yaml", profile="smoke").downstream.tasks)
+    (record,) = (out / "sweeps" / "byo-smoke" / "trials").glob("*.json")
+    assert json.loads(record.read_text())["status"] == "finished"
