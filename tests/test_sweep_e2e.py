@@ -1,6 +1,6 @@
 """The main job end to end on a real local Ray, real MLflow store, real generated COCO data.
 
-One smoke sweep (tiny, from sweeps/demo.yaml's `smoke` profile, 3 transfer epochs) is run once per
+One smoke sweep (tiny, from sweeps/demo.yaml's `smoke` profile, 2 transfer epochs) is run once per
 module, with three real faults: its driver process is SIGKILLed after the first trial finished and the
 sweep is resumed; in the resumed MIKE trial its trainer worker is SIGKILLed after the first registered
 checkpoint, then one of its teacher shards in the middle of a step. The tests read what it left
@@ -29,7 +29,7 @@ SWEEP = ROOT / "sweeps" / "demo.yaml"
 pytestmark = pytest.mark.slow
 
 
-OVERRIDES = ["study.trials=1", "search.teacher_subset=[three]", "transfer.epochs=3"]
+OVERRIDES = ["study.trials=1", "search.teacher_subset=[three]", "transfer.epochs=2"]
 
 
 @pytest.fixture(scope="module")
