@@ -7,7 +7,7 @@ scaled down to one per node, min 0 — so a change there that breaks scheduling 
 head is CPU-only, as in aws.yaml, with token authentication on.
 
 The user's path: ``ray job submit -- python -m mike_ray.sweep sweeps/teacher_subsets.yaml`` (its
-smoke profile: one 3-teacher MIKE trial of four short transfer epochs; the working-dir upload is
+smoke profile: one 3-teacher MIKE trial of three short transfer epochs; the working-dir upload is
 tests/test_job_submit.py's). Each teacher shard takes a (logical) GPU and ``teacher_shard: 1`` (only ``teacher_gpu``
 nodes have it), the trainer worker ``trainer: 1`` (only ``trainer_gpu``). Trainer workers ask for no
 GPU here: Ray Train binds a worker holding a GPU to CUDA (NCCL, a cuda device), which a CPU-only
@@ -160,7 +160,7 @@ def test_an_autoscaling_cluster_serves_a_sweep_loses_a_node_and_releases_its_nod
                   "--set", f"output={out}", "--set", "study.trials=1", "--set", "study.baselines=false",
                   "--set", "study.control=false", "--set", "search.teacher_subset=[three]",
                   "--set", "zoo.tasks=[CTB, DCH, PCS]", "--set", "teacher_subsets={three: [CTB, DCH, PCS]}",
-                  "--set", "transfer.epochs=4", "--set", "transfer.batch_size=8",
+                  "--set", "transfer.epochs=3", "--set", "transfer.batch_size=8",
                   "--set", "resources.placement={mode: ray, teachers_per_shard: auto, num_shards: 2, "
                            "cpus_per_shard: 0.5, gpus_per_shard: 1, resources: {teacher_shard: 1}, threads: 1, "
                            "restart_timeout_s: 180}",

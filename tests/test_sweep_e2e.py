@@ -55,7 +55,7 @@ def smoke(ray_local, tmp_path_factory):
 
 
 def _run_and_kill_the_driver(cfg, ray_local) -> dict[str, int]:
-    """``python -m mike_ray.sweep`` in its own process group, SIGKILLed 3 s after the first trial record
+    """``python -m mike_ray.sweep`` in its own process group, SIGKILLed 1 s after the first trial record
     (the pixel baseline's) appears; returns the records present then (name → mtime)."""
     args = [sys.executable, "-m", "mike_ray.sweep", str(SWEEP), "--profile", "smoke", "--set", f"output={cfg.output}"]
     for o in OVERRIDES:
@@ -67,7 +67,7 @@ def _run_and_kill_the_driver(cfg, ray_local) -> dict[str, int]:
     while time.time() < deadline and len(list(trials_dir.glob("*.json"))) < 1:
         assert proc.poll() is None, "the sweep ended before it could be killed"
         time.sleep(0.5)
-    time.sleep(3)
+    time.sleep(1)  # the driver is into its next trial (its Tuner), not between stages
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
     return {p.name: p.stat().st_mtime_ns for p in trials_dir.glob("*.json")}
