@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from mike_ray.config_base import StrictModel, deep_merge, load_yaml, validate  # noqa: F401 (deep_merge: re-exported)
+from mike_ray.config_base import StrictModel, deep_merge, load_yaml, validate
 from mike_ray.data.sources import ClassificationData
 from mike_ray.data.coco import PrepareConfig
 from mike_ray.data.tasks import check_task_table, resolve_table, table_defaults, table_field

@@ -27,6 +27,9 @@ def _check_custom(v: dict[str, float], unit: str) -> dict[str, float]:
     return v
 
 
+def _bundle(cpus: float, gpus: float, custom: dict[str, float]) -> dict[str, float]:
+    return {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **custom}
+
 
 class PlacementConfig(StrictModel):
     """Where teachers run.
@@ -65,6 +68,11 @@ class PlacementConfig(StrictModel):
     def _custom(cls, v: dict[str, float]) -> dict[str, float]:
         return _check_custom(v, "shard")
 
+    @property
+    def bundle(self) -> dict[str, float]:
+        """What one shard takes, as a Ray resource bundle (GPU only when asked for, custom ones added)."""
+        return _bundle(self.cpus_per_shard, self.gpus_per_shard, self.resources)
+
 
 class WorkersConfig(StrictModel):
     """Trainer workers (DDP): how many, and what each takes."""
@@ -81,3 +89,7 @@ class WorkersConfig(StrictModel):
     def _custom(cls, v: dict[str, float]) -> dict[str, float]:
         return _check_custom(v, "worker")
 
+    @property
+    def bundle(self) -> dict[str, float]:
+        """What one trainer worker takes, as a Ray resource bundle (Train's ``resources_per_worker``)."""
+        return _bundle(self.cpus_per_worker, self.gpus_per_worker, self.resources)

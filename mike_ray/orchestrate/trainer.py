@@ -33,9 +33,7 @@ def fit_trainer(train_fn: Callable[[dict[str, Any]], None], loop_config: dict[st
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers.num_workers, use_gpu=workers.gpus_per_worker > 0,
-            resources_per_worker={"CPU": workers.cpus_per_worker,
-                                  **({"GPU": workers.gpus_per_worker} if workers.gpus_per_worker else {}),
-                                  **workers.resources}),
+            resources_per_worker=workers.bundle),
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(Path(storage_path).resolve()),
             failure_config=ray.train.FailureConfig(max_failures=workers.max_failures),

@@ -67,9 +67,7 @@ def trial_resources(cfg: SweepConfig, family: Family, methods: list[str], n_teac
                 **({"node:__internal_head__": 0.001} if cfg.resources.trial_on_head else {})}]
     p = cfg.resources.placement
     if p.mode == "ray" and any(m not in family.teacherless for m in methods):
-        shard = {"CPU": p.cpus_per_shard, **({"GPU": p.gpus_per_shard} if p.gpus_per_shard else {}),
-                 **p.resources}
-        bundles += [dict(shard) for _ in range(_shard_count(cfg, n_teachers))]
+        bundles += [p.bundle for _ in range(_shard_count(cfg, n_teachers))]
     return PlacementGroupFactory(bundles, strategy="PACK")
 
 
