@@ -18,9 +18,10 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m mike_ray.sweep sweeps/demo.yaml
 
-# The test suite (what .ci/run calls), with the fifteen slowest tests at the end.
+# The test suite (what .ci/run calls), with the fifteen slowest tests at the end. Two processes: every
+# test on the session's Ray instance in one, the rest beside it (tests/conftest.py groups them).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15
 
 # The edit loop: everything but the multi-process Ray end-to-end tests (marker `slow`).
 test-fast: $(STAMP)

@@ -57,6 +57,48 @@ def ray_local(tmp_path_factory):
     ray.shutdown()
 
 
+# --- two processes (pytest-xdist, `make test` runs `-n 2 --dist loadgroup`) ---------------------------
+# Every test on the session's Ray instance runs in one worker process (xdist group "ray"), so there is
+# one local Ray per test session as before; the other worker meanwhile runs everything else — the tests
+# that start their own Ray head (job submit, the autoscaling cluster) first, then the fast ones. Ray
+# tests leave ~25% of the two cores idle (process start-up, polling), which the second worker fills.
+RAY_GROUP = "ray"
+
+
+def _uses_session_ray(item: pytest.Item) -> bool:
+    return "ray_local" in getattr(item, "fixturenames", ()) or item.get_closest_marker("ray_session") is not None
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _uses_session_ray(item):
+            item.add_marker(pytest.mark.xdist_group(RAY_GROUP))
+    # the long poles first: the Ray group (xdist sends it as one unit), then the slow tests that start
+    # their own Ray, then the rest in file order (a stable sort keeps it)
+    items.sort(key=lambda it: 0 if _uses_session_ray(it) else 1 if it.get_closest_marker("slow") else 2)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest 9.2 keeps node ids where pytest-xdist 3.8 cannot suffix them, so `--dist loadgroup` silently
+    # spreads the Ray tests over both workers: two Ray instances on two cores, which hangs
+    if config.getoption("dist", "no") == "loadgroup" and pytest.version_tuple >= (9, 2):
+        raise pytest.UsageError(f"pytest {pytest.__version__} breaks pytest-xdist's --dist loadgroup: install the "
+                                f"versions pyproject.toml pins (make setup)")
+
+
+@pytest.fixture(autouse=True)
+def _session_ray_only_where_declared(request: pytest.FixtureRequest):
+    """A test that starts the in-process Ray without asking for ``ray_local`` (or the ``ray_session``
+    marker) would start a second Ray in the other xdist worker: fail it, naming the fix."""
+    ray = sys.modules.get("ray")
+    before = ray is not None and ray.is_initialized()
+    yield
+    ray = sys.modules.get("ray")
+    if not before and ray is not None and ray.is_initialized() and not _uses_session_ray(request.node):
+        pytest.fail("this test started Ray in-process without the ray_local fixture or the ray_session marker")
+
+
 TINY_TASKS = ["DCH", "CTB", "PHB"]
 TINY_SEGMENTER = {"arch": "segmenter", "width": 4, "depth": 7, "expand_ratio": 2.0, "stem_stride": 2,
                   "num_downsamples": 2}

@@ -97,7 +97,7 @@ def _reference_loss(states: dict, x: torch.Tensor, xbar: torch.Tensor, task_ids:
     return total
 
 
-@pytest.mark.parametrize("mode", ["local", "ray"])
+@pytest.mark.parametrize("mode", ["local", pytest.param("ray", marks=pytest.mark.ray_session)])
 def test_heterogeneous_teachers_give_the_exact_gradient_through_their_input_mapping(own, mode, request) -> None:
     """The shard step (each masked teacher on its own rows, the classifier on every row, normalisation
     and resize inside autograd) equals plain autograd of eq. 1, loss and ∂/∂x̄, in float64."""

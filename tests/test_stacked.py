@@ -77,3 +77,52 @@ def test_concurrent_callers_each_get_their_own_members() -> None:
     for t in threads:
         t.join()
     assert not errors, errors[0]
+
+
+class _Cached(nn.Module):
+    """A module that fills a cache as it runs, as TappedModel does with its cut graphs."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(3, 2, 3, padding=1).double()
+        self.cache: dict[int, None] = {i: None for i in range(-5000, 0)}  # a long copy: a wide window
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.cache[len(self.cache)] = None
+        return self.conv(x)
+
+
+def test_a_first_grouped_call_while_a_member_runs_alone() -> None:
+    """A shard runs one teacher alone (filling its caches) while another caller's first grouped call
+    takes its template copy. The copy is of a private, never-run member copy: copying the running
+    member raced ("dictionary changed size during iteration", 5 of 80 callers here before the fix) and
+    the shard then ran the group one at a time, with other roundings than its concurrent caller."""
+    nets = [_Cached(i).eval().requires_grad_(False) for i in range(3)]
+    stack = StackedModels(nets)
+    x = torch.rand(2, 1, 3, 4, 4, dtype=torch.float64)
+    stop, errors = threading.Event(), []
+
+    def alone() -> None:
+        while not stop.is_set():
+            nets[0](x[0])
+
+    def grouped() -> None:
+        try:
+            stack.forward(torch.tensor([1, 2]), x)
+        except BaseException as err:  # noqa: BLE001 — reported below
+            errors.append(err)
+
+    runner = threading.Thread(target=alone)
+    runner.start()
+    try:
+        for _ in range(20):
+            callers = [threading.Thread(target=grouped) for _ in range(4)]
+            for t in callers:
+                t.start()
+            for t in callers:
+                t.join()
+    finally:
+        stop.set()
+        runner.join()
+    assert not errors, errors[0]

@@ -224,8 +224,8 @@ class MikeShard:
         except RuntimeError as err:
             warnings.warn(f"teachers {', '.join(n for n, _, _ in chunk)}: cannot run as one grouped forward "
                           f"({one_line(str(err))[:200]}); running them one at a time")
-            for name in [n for n, (s, _) in self._stacks.items() if s is stack]:
-                del self._stacks[name]
+            for name in [n for n, (s, _) in list(self._stacks.items()) if s is stack]:
+                self._stacks.pop(name, None)  # a concurrent step (another DDP worker) may do the same
             return {name: run.one(name, self.teachers[name][1], idx, w) for name, idx, w in chunk}
 
     def peak_rss_mb(self) -> float:

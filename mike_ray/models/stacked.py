@@ -50,12 +50,17 @@ class StackedModels:
         if any(signature(m) != sig for m in modules[1:]):
             raise ValueError("StackedModels: modules differ in parameters or buffers")
         self.params, self.buffers = stack_module_state(list(modules))
+        # The functional_call template: a private copy of one member that nobody runs, so no thread
+        # changes it while another copies it. Copying a member that a concurrent caller was running
+        # raced on its lazily filled caches ("dictionary changed size during iteration"), and the shard
+        # step then fell back to running those teachers one at a time, with other roundings.
+        self._template = copy.deepcopy(modules[0])
+        self._copying = threading.Lock()
         for i, m in enumerate(modules):  # hold each weight once: the modules read the stacks
             for name, p in m.named_parameters():
                 p.data = self.params[name][i]
             for name, b in m.named_buffers():
                 b.data = self.buffers[name][i]
-        self._template = modules[0]
         self._local = threading.local()
 
     def __len__(self) -> int:
@@ -64,7 +69,8 @@ class StackedModels:
     def _base(self) -> nn.Module:
         base = getattr(self._local, "base", None)
         if base is None:
-            base = self._local.base = copy.deepcopy(self._template)
+            with self._copying:
+                base = self._local.base = copy.deepcopy(self._template)
         return base
 
     def select(self, sel: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
