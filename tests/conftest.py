@@ -51,7 +51,10 @@ def ray_local(tmp_path_factory):
         # the dashboard serves the State API with which Ray Train's placement-group cleaner sees that a
         # stopped trial's controller is gone and frees its workers' CPUs (as `python -m mike_ray.sweep`)
         ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}})
+                 # Train's preemption watcher (one actor per fit, polling for node drain notices) has
+                 # nothing to watch on one local node; the autoscaling test's cluster keeps it
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+                                           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}})
     yield ray
     # shut down only what this session started (never `ray stop`)
     ray.shutdown()
