@@ -25,7 +25,7 @@ test: $(STAMP)
 
 # The edit loop: everything but the multi-process Ray end-to-end tests (marker `slow`).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" --durations=10
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not slow" --durations=10
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/data_prep.py
