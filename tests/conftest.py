@@ -74,12 +74,12 @@ def _uses_session_ray(item: pytest.Item) -> bool:
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if _uses_session_ray(item):
-            item.add_marker(pytest.mark.xdist_group(RAY_GROUP))
+    grouped = {item for item in items if _uses_session_ray(item)}
+    for item in grouped:
+        item.add_marker(pytest.mark.xdist_group(RAY_GROUP))
     # the long poles first: the Ray group (xdist sends it as one unit), then the slow tests that start
     # their own Ray, then the rest in file order (a stable sort keeps it)
-    items.sort(key=lambda it: 0 if _uses_session_ray(it) else 1 if it.get_closest_marker("slow") else 2)
+    items.sort(key=lambda it: 0 if it in grouped else 1 if it.get_closest_marker("slow") else 2)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -100,6 +100,23 @@ def _session_ray_only_where_declared(request: pytest.FixtureRequest):
     ray = sys.modules.get("ray")
     if not before and ray is not None and ray.is_initialized() and not _uses_session_ray(request.node):
         pytest.fail("this test started Ray in-process without the ray_local fixture or the ray_session marker")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 at this moment."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def head_port_flags() -> list[str]:
+    """``ray start --head`` flags giving every agent the job API needs a free port: the fixed defaults
+    may be held by another Ray on this machine (the test session's own)."""
+    return [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                   "ray-client-server-port", "runtime-env-agent-port",
+                                                   "metrics-export-port")]
 
 
 TINY_TASKS = ["DCH", "CTB", "PHB"]

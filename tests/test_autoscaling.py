@@ -24,7 +24,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,19 +34,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import check_score_metrics
+from conftest import check_score_metrics, free_port, head_port_flags
 from mike_ray.config import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 AWS = ROOT / "cluster" / "aws.yaml"
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def simulated_node_types(path: Path = AWS) -> tuple[dict, dict]:
@@ -112,7 +105,7 @@ def test_an_autoscaling_cluster_serves_a_sweep_loses_a_node_and_releases_its_nod
     import mlflow
 
     types, head = simulated_node_types()
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     from ray._private.services import get_node_ip_address
 
     address = f"{get_node_ip_address()}:{port}"  # where the provider's simulated nodes find the GCS
@@ -131,9 +124,7 @@ def test_an_autoscaling_cluster_serves_a_sweep_loses_a_node_and_releases_its_nod
     headp = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}",
                               f"--autoscaling-config={conf}", f"--num-cpus={head['CPU']}", f"--num-gpus={head['GPU']}",
                               "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                              *(f"--{n}={_free_port()}" for n in (
-                                  "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "ray-client-server-port",
-                                  "runtime-env-agent-port", "metrics-export-port")),
+                              *head_port_flags(),
                               f"--system-config={json.dumps(system)}", f"--temp-dir={ray_tmp}"],
                              env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
                              start_new_session=True, cwd=ROOT)  # the job's entrypoint runs here

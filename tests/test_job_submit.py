@@ -16,7 +16,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import check_score_metrics
+from conftest import check_score_metrics, free_port, head_port_flags
 from mike_ray.config import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,16 +32,10 @@ BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ray_job_submit_uploads_and_runs_the_bring_your_own_smoke_sweep_on_a_local_head(tmp_path: Path) -> None:
     import mlflow
 
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     # the job's `python` is the head's: this interpreter's environment
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0",
                PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -53,11 +46,7 @@ def test_ray_job_submit_uploads_and_runs_the_bring_your_own_smoke_sweep_on_a_loc
     # started (`ray stop` would stop every Ray instance of the user, the test session's included)
     head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                             # fixed default ports may be held by another Ray on this machine (the test
-                             # session's own): take free ones for every agent the job API needs
-                             *(f"--{name}={_free_port()}" for name in (
-                                 "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                 "ray-client-server-port", "runtime-env-agent-port", "metrics-export-port")),
+                             *head_port_flags(),
                              f"--temp-dir={ray_tmp}"],
                             env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import check_score_metrics, kill_processes, registered_checkpoints, session_processes
+from conftest import check_score_metrics, free_port, kill_processes, registered_checkpoints, session_processes
 from mike_ray.config import load_sweep
 from mike_ray.orchestrate.driver import run_sweep
 
@@ -239,15 +238,9 @@ def test_the_trial_survives_a_killed_trainer_worker_and_a_killed_shard_and_loses
           f"{len(steps)}/{cfg.transfer.epochs} epochs, 1 MLflow run")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_an_mlflow_server_serves_the_runs_over_rest(smoke) -> None:
     _, summary, _ = smoke
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", summary.tracking.uri,
                                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

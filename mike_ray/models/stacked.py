@@ -56,12 +56,12 @@ class StackedModels:
         # step then fell back to running those teachers one at a time, with other roundings.
         self._template = copy.deepcopy(modules[0])
         self._copying = threading.Lock()
+        self._local = threading.local()  # each calling thread's copy of the template
         for i, m in enumerate(modules):  # hold each weight once: the modules read the stacks
             for name, p in m.named_parameters():
                 p.data = self.params[name][i]
             for name, b in m.named_buffers():
                 b.data = self.buffers[name][i]
-        self._local = threading.local()
 
     def __len__(self) -> int:
         return len(next(iter(self.params.values())))
